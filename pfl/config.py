@@ -1,0 +1,183 @@
+"""Typed configuration: one dataclass per part, and the ``smoke`` and ``paper`` profiles.
+
+The two profiles share every code path; only sizes and sources differ (REFERENCE.md,
+"Backbone" and appendix A.1). The active profile comes from the ``PFL_PROFILE`` environment
+variable (``smoke`` by default) or is passed explicitly::
+
+    >>> from pfl import config
+    >>> config.smoke().backbone.model_name
+    'pfl-tiny'
+    >>> config.paper().backbone.image_size
+    518
+    >>> config.paper().model.flow_length   # K
+    10
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PROFILES = ("smoke", "paper")
+
+
+@dataclass
+class BackboneConfig:
+    """The frozen CLIP (REFERENCE.md, "Backbone")."""
+
+    model_name: str = "pfl-tiny"  # open_clip config name; "pfl-tiny" ships inside pfl/assets
+    image_size: int = 224  # input side; positional embeddings are resized to it
+    layers: tuple[int, ...] | None = None  # 1-based blocks to tap; None: 4 evenly spaced
+    weights: str | None = None  # local weights file; None: shipped tiny weights or random init
+    init_seed: int = 0  # seed of the random init when no weights are used
+    precision: str = "fp32"  # dtype of the frozen towers
+
+
+@dataclass
+class ModelConfig:
+    """Bayes-PFL's new modules (REFERENCE.md, "Prompts", "Prompt flow", "RCA")."""
+
+    n_prompts: int = 3  # B: prompts per bank
+    n_ctx: int = 5  # P: learnable context vectors per prompt
+    n_state: int = 5  # Q: learnable state vectors per prompt
+    flow_length: int = 10  # K: planar steps per flow
+    flow_type: str = "planar"  # "planar" (paper) | "gaussian" (appendix Eq. A.5 ablation)
+    invertible: bool = False  # True: u-hat reparameterisation so that w^T u > -1
+    mlp_hidden: int | None = None  # width of f_mu/f_sigma; None: joint width C (paper)
+    official_compat: bool = False  # True: the authors' code where it differs (see docstrings)
+    mc_train: int = 1  # R during training
+    mc_test: int = 10  # R at inference
+    rca_heads: int = 4  # heads of the RCA attention
+    share_iad_samples: bool = False  # authors' inference: draw IAD samples once for all images
+    class_aware: bool = True  # put the class words in the template
+
+
+@dataclass
+class TrainConfig:
+    """Auxiliary training (appendix A.1; the authors' code differs, REFERENCE.md)."""
+
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 1e-4  # paper: Adam lr 1e-4 for everything
+    optimizer: str = "paper"  # "paper" | "official" (per-group lrs, betas (0.5, 0.999), cosine)
+    flow_weight: float = 0.01  # weight of each flow's loss
+    ort_weight: float = 1.0  # weight of L_ort
+    focal_gamma: float = 2.0
+    selection: str = "last"  # "last" | "holdout" (aux categories held out) | "official_target"
+    holdout_classes: int = 0  # aux categories held out for selection ("holdout")
+    seed: int = 0
+    num_workers: int = 0
+    max_steps_per_epoch: int | None = None  # cap (smoke) on steps per epoch
+
+
+@dataclass
+class EvalConfig:
+    """Zero-shot evaluation (REFERENCE.md, "Maps, scores", "Metrics")."""
+
+    mc_samples: int = 10  # R at inference
+    sigma: float = 8.0  # Gaussian blur of the maps, in pixels at 518 px; scaled to image size
+    image_score: str = "per_image"  # "per_image" | "official_minmax" (transductive, per class)
+    topk: int = 2000  # top-k map values for "official_minmax", at 518 px; scaled by area
+    aupro: str = "exact"  # "exact" | "common" (200 thresholds, rescaled FPR)
+    batch_size: int = 8
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Where the data come from (REFERENCE.md, "Data layout")."""
+
+    root: str = "data/synthetic"  # data root holding meta.json files
+    aux: str = "aux"  # auxiliary training dataset
+    targets: tuple[str, ...] = ("target",)  # zero-shot target datasets
+    synthetic: bool = True  # build the offline benchmark when root is missing
+
+
+@dataclass
+class Profile:
+    """Everything one run needs; ``smoke()`` and ``paper()`` fill it."""
+
+    name: str
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Profile:
+        def build(klass, values):
+            names = {f.name for f in dataclasses.fields(klass)}
+            unknown = set(values) - names
+            if unknown:
+                raise ValueError(f"unknown {klass.__name__} fields {sorted(unknown)}")
+            kw = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+            return klass(**kw)
+
+        return cls(
+            name=d["name"],
+            backbone=build(BackboneConfig, d.get("backbone", {})),
+            model=build(ModelConfig, d.get("model", {})),
+            train=build(TrainConfig, d.get("train", {})),
+            eval=build(EvalConfig, d.get("eval", {})),
+            data=build(DataConfig, d.get("data", {})),
+        )
+
+    def replace(self, **sections) -> Profile:
+        """Copy with fields of sections changed: ``p.replace(model={"n_prompts": 1})``."""
+        out = dataclasses.replace(self)
+        for sec, changes in sections.items():
+            setattr(out, sec, dataclasses.replace(getattr(self, sec), **changes))
+        return out
+
+
+def smoke() -> Profile:
+    """The CPU profile: the tiny tower, the synthetic benchmark, small training."""
+    return Profile(
+        name="smoke",
+        backbone=BackboneConfig(model_name="pfl-tiny", image_size=224),
+        model=ModelConfig(),
+        train=TrainConfig(epochs=3, batch_size=16, lr=1e-3, max_steps_per_epoch=None),
+        eval=EvalConfig(batch_size=16),
+        data=DataConfig(root="data/synthetic", aux="aux", targets=("target", "medical")),
+    )
+
+
+def paper() -> Profile:
+    """The paper's setting: ViT-L-14-336 at 518 px, VisA -> MVTec-AD (appendix A.1)."""
+    return Profile(
+        name="paper",
+        backbone=BackboneConfig(
+            model_name="ViT-L-14-336",
+            image_size=518,
+            layers=(6, 12, 18, 24),
+            weights=os.environ.get("PFL_CLIP_WEIGHTS"),
+        ),
+        model=ModelConfig(),
+        train=TrainConfig(epochs=20, batch_size=32, lr=1e-4),
+        eval=EvalConfig(batch_size=8),
+        data=DataConfig(
+            root=os.environ.get("PFL_DATA_ROOT", "data"),
+            aux="visa",
+            targets=("mvtec",),
+            synthetic=False,
+        ),
+    )
+
+
+def active(name: str | None = None) -> Profile:
+    """The profile named ``name``, else ``$PFL_PROFILE``, else ``smoke``."""
+    name = name or os.environ.get("PFL_PROFILE", "smoke")
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}: set PFL_PROFILE to one of {PROFILES}")
+    return smoke() if name == "smoke" else paper()
+
+
+def repo_root() -> Path:
+    """The checkout's top folder (figures/, data/ and runs/ live there)."""
+    return Path(__file__).resolve().parent.parent
