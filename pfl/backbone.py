@@ -226,6 +226,15 @@ class Backbone(nn.Module):
         patches = torch.stack(out["image_intermediates"], dim=1)
         return ImageFeatures(global_=out["image_features"], patches=patches)
 
+    def project_patches(self, patches: torch.Tensor) -> torch.Tensor:
+        """Patch tokens (..., W) -> CLIP's joint space (..., E) through ``ln_post`` and ``proj``.
+
+        CLIP only ever trained the CLS token to sit in this space; applying the same map to
+        patch tokens is the training-free start of WinCLIP and APRIL-GAN. Not normalised.
+        """
+        visual = self.clip.visual
+        return visual.ln_post(patches.to(self.dtype)) @ visual.proj
+
     @property
     def dtype(self) -> torch.dtype:
         return self.clip.visual.conv1.weight.dtype

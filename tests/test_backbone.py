@@ -1,0 +1,153 @@
+"""The frozen CLIP wrapper: tapped layers, pos-embed resize, exact truncated text path, loading."""
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pfl.backbone import (
+    Backbone,
+    MissingWeightsError,
+    create_clip,
+    default_layers,
+    load_weights,
+    register_configs,
+)
+from pfl.config import BackboneConfig, active
+
+PROMPTS = ["a photo of a flawless bottle", "a damaged printed circuit board", "x", "a b c d e f"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    # A random-init tower is enough for the exactness checks below.
+    cfg = BackboneConfig(model_name="pfl-tiny", image_size=112, init_seed=0)
+    clip = create_clip(cfg)
+    return Backbone(clip)
+
+
+def test_text_truncation_equals_open_clip(tiny):
+    ids = tiny.tokenize(PROMPTS)
+    ref = tiny.clip.encode_text(ids, normalize=True)
+    ours = tiny.encode_text(PROMPTS)
+    assert torch.allclose(ours, ref, atol=1e-5)
+    # the cut really happens: the longest prompt is far shorter than 77 tokens
+    assert int(tiny.eot_positions(ids).max()) + 1 < 20
+
+
+def test_text_path_passes_gradients_to_embeddings(tiny):
+    ids = tiny.tokenize(PROMPTS[:2])
+    emb = tiny.token_embedding(ids).clone().requires_grad_(True)
+    tiny.encode_text_embeddings(emb, tiny.eot_positions(ids)).sum().backward()
+    assert emb.grad is not None and emb.grad.abs().sum() > 0
+    assert all(p.grad is None for p in tiny.parameters())
+
+
+def test_layers_equal_forward_hooks(tiny):
+    taps = {}
+    blocks = tiny.clip.visual.transformer.resblocks
+    handles = [
+        blocks[i - 1].register_forward_hook(lambda m, a, out, i=i: taps.__setitem__(i, out))
+        for i in tiny.layers
+    ]
+    x = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(0))
+    feats = tiny.encode_image(x)
+    for h in handles:
+        h.remove()
+    assert feats.patches.shape == (2, len(tiny.layers), 64, tiny.vision_width)
+    for k, i in enumerate(tiny.layers):
+        assert torch.equal(feats.patches[:, k], taps[i][:, 1:])  # CLS dropped
+    # the global feature is open_clip's own image embedding
+    assert torch.allclose(feats.global_, tiny.clip.encode_image(x), atol=1e-6)
+
+
+def test_backbone_is_frozen_and_stays_in_eval(tiny):
+    assert not any(p.requires_grad for p in tiny.parameters())
+    tiny.train()
+    assert not tiny.clip.training
+
+
+def test_default_layers_of_paper_tower():
+    assert default_layers(24) == (6, 12, 18, 24)
+    assert active("paper").backbone.layers == (6, 12, 18, 24)
+
+
+def test_pos_embed_resize_on_load(tmp_path):
+    """Weights saved at 168 px load at 224 px with a bicubic, antialiased grid resize."""
+    from safetensors.torch import save_file
+
+    small = create_clip(BackboneConfig(model_name="pfl-tiny", image_size=168, init_seed=3))
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in small.state_dict().items()}, str(path))
+    big = create_clip(BackboneConfig(model_name="pfl-tiny", image_size=224, weights=str(path)))
+    old = small.visual.positional_embedding.detach()
+    grid = old[1:].reshape(1, 12, 12, -1).permute(0, 3, 1, 2)
+    want = F.interpolate(grid, size=(16, 16), mode="bicubic", antialias=True, align_corners=False)
+    want = want.permute(0, 2, 3, 1).reshape(256, -1)
+    new = big.visual.positional_embedding.detach()
+    assert new.shape == (257, old.shape[1])
+    assert torch.equal(new[0], old[0])  # the CLS position is kept
+    assert torch.allclose(new[1:], want, atol=1e-6)
+    assert torch.equal(big.visual.conv1.weight, small.visual.conv1.weight)
+
+
+def test_load_torch_pickle_and_torchscript_archive(tmp_path):
+    """Both a plain state-dict pickle and an OpenAI-style TorchScript archive load."""
+    src = create_clip(BackboneConfig(model_name="pfl-tiny", image_size=112, init_seed=5))
+    torch.save(src.state_dict(), tmp_path / "w.pt")
+    dst = create_clip(BackboneConfig(model_name="pfl-tiny", image_size=112, init_seed=6))
+    load_weights(dst, tmp_path / "w.pt")
+    assert torch.equal(dst.visual.proj, src.visual.proj)
+
+    class Holder(torch.nn.Module):  # carries the same parameter names as the CLIP model
+        def __init__(self, m):
+            super().__init__()
+            for name, p in m.named_parameters(recurse=False):
+                self.register_parameter(name, p)
+            for name, child in m.named_children():
+                self.add_module(name, child)
+
+        def forward(self, x):
+            return x
+
+    traced = torch.jit.trace(Holder(src), torch.zeros(1))
+    traced.save(str(tmp_path / "openai.pt"))
+    dst2 = create_clip(BackboneConfig(model_name="pfl-tiny", image_size=112, init_seed=7))
+    load_weights(dst2, tmp_path / "openai.pt")
+    assert torch.equal(dst2.token_embedding.weight, src.token_embedding.weight)
+
+
+def test_wrong_weights_file_names_it(tmp_path):
+    torch.save({"foo": torch.zeros(1)}, tmp_path / "bad.pt")
+    model = create_clip(BackboneConfig(model_name="pfl-tiny", image_size=112))
+    with pytest.raises(ValueError, match="bad.pt"):
+        load_weights(model, tmp_path / "bad.pt")
+
+
+def test_paper_profile_without_weights_says_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.cache/clip here
+    monkeypatch.delenv("PFL_CLIP_WEIGHTS", raising=False)
+    monkeypatch.setenv("PFL_PROFILE", "paper")
+    with pytest.raises(MissingWeightsError, match="PFL_CLIP_WEIGHTS") as err:
+        create_clip(active().backbone)
+    assert "ViT-L-14-336px.pt" in str(err.value)
+    monkeypatch.setenv("PFL_CLIP_WEIGHTS", str(tmp_path / "nowhere.pt"))
+    with pytest.raises(MissingWeightsError, match="nowhere.pt"):
+        create_clip(active().backbone)
+
+
+def test_shipped_tiny_config_is_small():
+    register_configs()
+    cfg = open_clip.get_model_config("pfl-tiny")
+    assert cfg["vision_cfg"]["width"] == 128
+    model = create_clip(BackboneConfig(model_name="pfl-tiny", image_size=112))
+    assert 3e6 < sum(p.numel() for p in model.parameters()) < 6e6
+
+
+@pytest.mark.slow
+def test_text_truncation_equals_open_clip_vit_b16():
+    torch.manual_seed(0)
+    clip = open_clip.create_model("ViT-B-16", pretrained=None)
+    bb = Backbone(clip)
+    ref = clip.encode_text(bb.tokenize(PROMPTS), normalize=True)
+    assert torch.allclose(bb.encode_text(PROMPTS), ref, atol=1e-5)
