@@ -1,4 +1,4 @@
-"""The frozen CLIP: global image feature, patch tokens at chosen layers, and a text tower on embeddings.
+"""The frozen CLIP: global image feature, patch tokens at chosen layers, text tower on embeddings.
 
 REFERENCE.md, "Backbone": patch features are the raw residual stream after the chosen blocks
 (CLS dropped, before ``ln_post`` and the projection); positional embeddings are resized
