@@ -9,8 +9,8 @@ caption such as "a photo of a flawless wood rings pattern" reads well (issue 9; 
     >>> img = pattern_image("stripes", np.random.default_rng(0), 32)
     >>> img.shape, img.dtype
     ((32, 32, 3), dtype('uint8'))
-    >>> bool((pattern_image("cells", np.random.default_rng(1), 32)
-    ...       == pattern_image("cells", np.random.default_rng(1), 32)).all())
+    >>> bool((pattern_image("mosaic", np.random.default_rng(1), 32)
+    ...       == pattern_image("mosaic", np.random.default_rng(1), 32)).all())
     True
 """
 
@@ -24,7 +24,7 @@ PATTERNS: tuple[str, ...] = (
     "stripes",
     "checkerboard",
     "dots",
-    "cells",
+    "mosaic",
     "wood rings",
     "noise field",
     "waves",
@@ -120,7 +120,7 @@ def _dots(rng, size):
     return np.clip((r - d) / 0.04 + 0.5, 0, 1)  # a soft edge about 4% of a period wide
 
 
-def _cells(rng, size):
+def _mosaic(rng, size):  # Voronoi cells
     n = int(rng.integers(8, 40))
     pts = rng.uniform(0, size, size=(n, 2)).astype(np.float32)
     shades = rng.uniform(0.3, 1.0, size=n)
@@ -208,7 +208,7 @@ _FIELDS: dict[str, Callable[[np.random.Generator, int], np.ndarray]] = {
     "stripes": _stripes,
     "checkerboard": _checkerboard,
     "dots": _dots,
-    "cells": _cells,
+    "mosaic": _mosaic,
     "wood rings": _wood_rings,
     "noise field": _noise_field,
     "waves": _waves,
