@@ -16,9 +16,11 @@ Note (exactness and memory of the sweep):
     score, ties included, just as scikit-learn's curves do. Only the final divisions and
     trapezoid sums are floating point (float64, on arrays as long as the number of distinct
     anomalous scores). Maps stay in their own dtype (float32 at 518 px) and are never copied
-    to float64; memory is one chunk of normal-pixel scores (``chunk_pixels``, 16 M by default)
-    plus O(number of anomalous pixels). Pixel AUROC, AP and F1-max equal scikit-learn's to
-    ~1e-12 (tests/test_metrics.py checks 1e-9).
+    to float64; the working memory is about two chunks of normal-pixel scores
+    (``chunk_pixels``, 16 M by default) plus O(number of anomalous pixels): measured 4 s and
+    170 MB above the inputs for 170 synthetic maps of 518 x 518 on 2 CPU cores. Pixel AUROC,
+    AP and F1-max equal scikit-learn's to ~1e-12 (tests/test_metrics.py checks 1e-9). The
+    benchmark ``python benchmarks/metrics.py`` times exact AUPRO against the relabelling loop.
 
 AUPRO, two variants by name (``EvalConfig.aupro``):
     ``"exact"`` (default): ground-truth regions are the 8-connected components of each mask,
