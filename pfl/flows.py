@@ -45,6 +45,11 @@ def invertible_u(u: Tensor, w: Tensor) -> Tensor:
     Then ``w^T u_hat = m(w^T u) > -1``, which makes the planar step invertible
     (Rezende & Mohamed 2015, appendix A). Shapes: ``u, w (..., D)`` broadcastable.
 
+    Note:
+        The margin ``w^T u_hat + 1 = exp(w^T u)`` (for very negative ``w^T u``) falls below the
+        rounding error of ``w^T u_hat`` once ``w^T u`` is below about -30 in float64 (-13 in
+        float32); such a step is numerically singular even though it is invertible on paper.
+
     >>> u, w = torch.tensor([-3.0, 0.0]), torch.tensor([1.0, 0.0])
     >>> float((w * invertible_u(u, w)).sum()) > -1
     True
@@ -232,14 +237,23 @@ def draw_noise(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """Standard-normal noise ``(R, N, D)``, drawn in ``(N, R, D)`` order.
+    """Standard-normal noise ``(R, N, D)``, image by image (Box-Muller on uniforms).
 
     Note:
-        Drawing image by image means that image ``n``'s R draws are one contiguous block of
-        the generator's stream: the first image of a batch gets exactly the draws it would
-        get alone, which the batch-independence test of the model relies on.
+        Image ``n``'s ``2 R D`` uniforms are the ``n``-th contiguous block of the generator's
+        stream, so on a CPU generator the first image of a batch gets exactly the draws it
+        gets alone (the model's batch-independence test relies on it). ``torch.randn`` does
+        not keep that prefix property: its CPU kernel transforms blocks of 16 values, so
+        the draws depend on the tensor's total size.
+
+    >>> a = draw_noise(4, 3, 5, torch.Generator().manual_seed(0))
+    >>> b = draw_noise(1, 3, 5, torch.Generator().manual_seed(0))
+    >>> torch.equal(a[:, :1], b)
+    True
     """
-    eps = torch.randn((n, n_samples, dim), generator=generator, dtype=dtype, device=device)
+    uni = torch.rand((n, n_samples, 2, dim), generator=generator, dtype=dtype, device=device)
+    radius = torch.sqrt(-2.0 * torch.log1p(-uni[:, :, 0]))  # 1 - u in (0, 1]: finite
+    eps = radius * torch.cos(2.0 * math.pi * uni[:, :, 1])
     return eps.transpose(0, 1)
 
 
@@ -417,5 +431,5 @@ def fit_reverse_kl(
         opt.zero_grad()
         loss.backward()
         opt.step()
-        history.append(float(loss))
+        history.append(float(loss.detach()))
     return history
