@@ -215,16 +215,39 @@ class Backbone(nn.Module):
         return self.clip.positional_embedding.shape[0]
 
     # --- image path --------------------------------------------------------------------------
-    def encode_image(self, images: torch.Tensor) -> ImageFeatures:
-        """images (N, 3, S, S), CLIP-normalised -> :class:`ImageFeatures`."""
-        with torch.no_grad():
-            out = self.clip.visual.forward_intermediates(
-                images.to(self.dtype),
-                indices=[i - 1 for i in self.layers],
-                output_fmt="NLC",
-            )
-        patches = torch.stack(out["image_intermediates"], dim=1)
-        return ImageFeatures(global_=out["image_features"], patches=patches)
+    def encode_image(
+        self, images: torch.Tensor, deep_prompts: torch.Tensor | None = None
+    ) -> ImageFeatures:
+        """images (N, 3, S, S), CLIP-normalised -> :class:`ImageFeatures`.
+
+        deep_prompts: optional (J, n, W) or (J, N, n, W) visual prompt tokens for the first J
+        blocks (AdaCLIP-style, VPT-deep): before block j the previous prompt tokens are
+        replaced by ``deep_prompts[j]``; they never appear in the outputs. Gradients flow into
+        them (and through the frozen tower); without prompts the pass runs under no_grad.
+        """
+        if deep_prompts is None:
+            with torch.no_grad():
+                out = self.clip.visual.forward_intermediates(
+                    images.to(self.dtype),
+                    indices=[i - 1 for i in self.layers],
+                    output_fmt="NLC",
+                )
+            patches = torch.stack(out["image_intermediates"], dim=1)
+            return ImageFeatures(global_=out["image_features"], patches=patches)
+        visual = self.clip.visual
+        x = visual._embeds(images.to(self.dtype))
+        n, n_tok = x.shape[0], x.shape[1]
+        taps = []
+        for j, block in enumerate(visual.transformer.resblocks):
+            if j < deep_prompts.shape[0]:
+                p = deep_prompts[j].to(x.dtype)
+                p = p.expand(n, -1, -1)
+                x = torch.cat([x[:, :n_tok], p], dim=1)
+            x = _run_block(block, x, visual.transformer)
+            if j + 1 in self.layers:
+                taps.append(x[:, 1:n_tok])
+        pooled, _ = visual._pool(x[:, :n_tok])
+        return ImageFeatures(global_=pooled @ visual.proj, patches=torch.stack(taps, dim=1))
 
     def project_patches(self, patches: torch.Tensor) -> torch.Tensor:
         """Patch tokens (..., W) -> CLIP's joint space (..., E) through ``ln_post`` and ``proj``.
@@ -253,19 +276,33 @@ class Backbone(nn.Module):
         """Index of the EOT token (the largest id in CLIP's vocabulary) in each row."""
         return ids.argmax(dim=-1)
 
-    def encode_text_embeddings(self, x: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+    def encode_text_embeddings(
+        self, x: torch.Tensor, eot: torch.Tensor, deep_prompts: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Token embeddings (N, L, W) with EOT positions (N,) -> normalised features (N, E).
 
         Positions after the longest EOT are cut before the transformer. With a causal mask,
         token i attends only to tokens <= i, so the EOT output cannot depend on later tokens:
         the result equals the full 77-token pass (tested to 1e-5), at a fraction of the cost.
         Gradients flow to ``x`` (the towers' own weights stay frozen).
+
+        deep_prompts: optional (J, n, W) or (J, N, n, W) text prompt tokens: before block j < J
+        the tokens at positions 1..n (just after SOS) are replaced by ``deep_prompts[j]``, as in
+        deep prompt tuning; the caller reserves those positions (e.g. placeholder words).
         """
         clip = self.clip
         length = int(eot.max()) + 1
         x = x[:, :length].to(self.dtype) + clip.positional_embedding[:length].to(self.dtype)
         mask = clip.attn_mask[:length, :length] if clip.attn_mask is not None else None
-        x = clip.transformer(x, attn_mask=mask)
+        if deep_prompts is None:
+            x = clip.transformer(x, attn_mask=mask)
+        else:
+            for j, block in enumerate(clip.transformer.resblocks):
+                if j < deep_prompts.shape[0]:
+                    p = deep_prompts[j].to(x.dtype)
+                    p = p.expand(x.shape[0], -1, -1)
+                    x = torch.cat([x[:, :1], p, x[:, 1 + p.shape[1]:]], dim=1)
+                x = _run_block(block, x, clip.transformer, mask)
         x = clip.ln_final(x)
         x = x[torch.arange(x.shape[0], device=x.device), eot]
         proj = clip.text_projection
@@ -276,6 +313,14 @@ class Backbone(nn.Module):
         """Plain prompts -> normalised text features (N, E), through the truncated path."""
         ids = self.tokenize(texts).to(self.clip.token_embedding.weight.device)
         return self.encode_text_embeddings(self.token_embedding(ids), self.eot_positions(ids))
+
+
+def _run_block(block: nn.Module, x: torch.Tensor, transformer: nn.Module,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One residual block on batch-first tokens, whatever layout the transformer uses."""
+    if getattr(transformer, "batch_first", True):
+        return block(x, attn_mask=mask)
+    return block(x.transpose(0, 1), attn_mask=mask).transpose(0, 1)
 
 
 def load_backbone(cfg: BackboneConfig | None = None) -> Backbone:

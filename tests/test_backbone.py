@@ -151,3 +151,27 @@ def test_text_truncation_equals_open_clip_vit_b16():
     bb = Backbone(clip)
     ref = clip.encode_text(bb.tokenize(PROMPTS), normalize=True)
     assert torch.allclose(bb.encode_text(PROMPTS), ref, atol=1e-5)
+
+
+def test_deep_prompt_paths(tiny):
+    """Zero-length prompts equal the plain paths; real prompts change both towers' features."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 112, 112, generator=g)
+    plain = tiny.encode_image(x)
+    empty = tiny.encode_image(x, deep_prompts=torch.zeros(2, 0, tiny.vision_width))
+    assert torch.allclose(empty.patches, plain.patches, atol=1e-5)
+    assert torch.allclose(empty.global_, plain.global_, atol=1e-5)
+    vp = (0.5 * torch.randn(2, 3, tiny.vision_width, generator=g)).requires_grad_(True)
+    prompted = tiny.encode_image(x, deep_prompts=vp)
+    assert prompted.patches.shape == plain.patches.shape
+    assert (prompted.patches - plain.patches).abs().max() > 1e-3
+    prompted.global_.sum().backward()
+    assert vp.grad is not None and vp.grad.abs().sum() > 0
+
+    ids = tiny.tokenize(["X X a photo of a bottle", "X X a damaged bottle"])
+    emb, eot = tiny.token_embedding(ids), tiny.eot_positions(ids)
+    ref = tiny.encode_text_embeddings(emb, eot)
+    same = tiny.encode_text_embeddings(emb, eot, deep_prompts=emb[:, 1:3].unsqueeze(0))
+    assert torch.allclose(same, ref, atol=1e-5)  # replacing the slot by its own tokens
+    tp = 0.5 * torch.randn(2, 2, tiny.text_width, generator=g)
+    assert (tiny.encode_text_embeddings(emb, eot, deep_prompts=tp) - ref).abs().max() > 1e-3
