@@ -171,7 +171,10 @@ def test_deep_prompt_paths(tiny):
     ids = tiny.tokenize(["X X a photo of a bottle", "X X a damaged bottle"])
     emb, eot = tiny.token_embedding(ids), tiny.eot_positions(ids)
     ref = tiny.encode_text_embeddings(emb, eot)
-    same = tiny.encode_text_embeddings(emb, eot, deep_prompts=emb[:, 1:3].unsqueeze(0))
-    assert torch.allclose(same, ref, atol=1e-5)  # replacing the slot by its own tokens
+    # deep prompts are whole tokens (no positional embedding is added to them): replacing the
+    # slot at block 0 by its own embedded tokens leaves the features unchanged
+    own = (emb + tiny.clip.positional_embedding[: emb.shape[1]])[:, 1:3].unsqueeze(0)
+    same = tiny.encode_text_embeddings(emb, eot, deep_prompts=own)
+    assert torch.allclose(same, ref, atol=1e-5)
     tp = 0.5 * torch.randn(2, 2, tiny.text_width, generator=g)
     assert (tiny.encode_text_embeddings(emb, eot, deep_prompts=tp) - ref).abs().max() > 1e-3
