@@ -1,0 +1,169 @@
+"""Figures: functions that return a matplotlib ``Figure``, and ``save_figure`` to write them.
+
+STYLE.md habit 8: figures come from functions; saving uses a fixed dpi and no timestamp or
+software metadata, so the PNG bytes are stable; the CSV behind a figure sits beside it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from pfl.utils import atomic_write
+
+
+def save_figure(fig, path: str | os.PathLike, csv=None, dpi: int = 100) -> Path:
+    """Write ``fig`` as PNG at ``path`` and, if given, ``csv`` (a DataFrame) beside it.
+
+    Both files are written atomically; the CSV takes the PNG's name with ``.csv``.
+    ``metadata={"Software": None}`` and a fixed ``dpi`` make the bytes repeatable.
+
+    >>> import tempfile, pathlib, pandas as pd
+    >>> fig, ax = plt.subplots(figsize=(2, 2)); _ = ax.plot([0, 1], [1, 0])
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> p = save_figure(fig, d / "x.png", csv=pd.DataFrame({"a": [1]}))
+    >>> sorted(f.name for f in d.iterdir())
+    ['x.csv', 'x.png']
+    >>> plt.close(fig)
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"save_figure writes PNG; give a path ending in .png, got {path}")
+    atomic_write(
+        path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, metadata={"Software": None})
+    )
+    if csv is not None:
+        atomic_write(path.with_suffix(".csv"), lambda tmp: csv.to_csv(tmp, index=False))
+    return path
+
+
+def plot_density_grid(
+    images: Sequence[Sequence[np.ndarray]],
+    extent: tuple[float, float, float, float],
+    row_titles: Sequence[str],
+    col_titles: Sequence[str],
+    cell: float = 1.7,
+    cmap: str = "magma",
+) -> plt.Figure:
+    """A grid of 2-D densities: ``images[row][col]`` is an ``(ny, nx)`` array over ``extent``.
+
+    Each panel is scaled to its own maximum (only shapes are compared). Row ``i``'s title goes
+    on its first panel's y-axis, column titles on top.
+    """
+    n_rows, n_cols = len(images), len(images[0])
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(cell * n_cols, cell * n_rows), squeeze=False)
+    for i, row in enumerate(images):
+        for j, img in enumerate(row):
+            ax = axes[i, j]
+            ax.imshow(img, origin="lower", extent=extent, cmap=cmap, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(col_titles[j], fontsize=9)
+            if j == 0:
+                ax.set_ylabel(row_titles[i], fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_warped_grids(
+    transforms: Mapping[str, Callable[[np.ndarray], np.ndarray]],
+    extent: tuple[float, float] = (-3.0, 3.0),
+    n_lines: int = 21,
+    n_points: int = 200,
+    cell: float = 3.0,
+) -> plt.Figure:
+    """How 2-D maps bend a square grid: one panel per ``name -> f((M, 2)) -> (M, 2)``.
+
+    Horizontal lines are drawn blue and vertical ones orange, so a fold (two parts of the
+    plane landing on each other, a non-invertible map) shows as lines crossing.
+    """
+    lo, hi = extent
+    ticks = np.linspace(lo, hi, n_lines)
+    t = np.linspace(lo, hi, n_points)
+    fig, axes = plt.subplots(1, len(transforms), figsize=(cell * len(transforms), cell))
+    axes = np.atleast_1d(axes)
+    for ax, (name, f) in zip(axes, transforms.items()):
+        for c in ticks:
+            h = f(np.stack([t, np.full_like(t, c)], axis=1))
+            v = f(np.stack([np.full_like(t, c), t], axis=1))
+            ax.plot(h[:, 0], h[:, 1], color="tab:blue", lw=0.6)
+            ax.plot(v[:, 0], v[:, 1], color="tab:orange", lw=0.6)
+        ax.set_title(name, fontsize=9)
+        ax.set_aspect("equal")
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
+    fig.tight_layout()
+    return fig
+
+
+def plot_sample_spread(samples: np.ndarray, title: str = "", cell: float = 3.2) -> plt.Figure:
+    """R samples ``(R, D)`` of one flow: PCA scatter (first two components) and their norms.
+
+    PCA is scikit-learn's, fitted on the samples themselves.
+    """
+    from sklearn.decomposition import PCA
+
+    samples = np.asarray(samples, dtype=np.float64)
+    pca = PCA(n_components=2).fit(samples)
+    xy = pca.transform(samples)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(2 * cell, cell))
+    a.scatter(xy[:, 0], xy[:, 1], s=25)
+    for r, (x, y) in enumerate(xy):
+        a.annotate(str(r), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ev = pca.explained_variance_ratio_
+    a.set_xlabel(f"PC1 ({ev[0]:.0%})")
+    a.set_ylabel(f"PC2 ({ev[1]:.0%})")
+    a.set_title("samples, PCA", fontsize=9)
+    b.bar(np.arange(len(samples)), np.linalg.norm(samples, axis=1))
+    b.set_xlabel("sample r")
+    b.set_ylabel("||z_r||")
+    b.set_title("norms", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------- training / evaluation
+
+
+def plot_anomaly_maps(
+    images: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    maps: Sequence[np.ndarray],
+    titles: Sequence[str] | None = None,
+    cell: float = 1.8,
+    normalise: bool = True,
+) -> plt.Figure:
+    """The paper's qualitative layout (appendix Figures A.10-A.34): top row the images
+    ``(H, W, 3)`` in [0, 1] with the ground-truth outline in green, bottom row the anomaly maps.
+
+    ``normalise``: maps are min-max scaled over all panels of the figure (one colour scale);
+    else shown on [0, 1].
+    """
+    n = len(images)
+    fig, axes = plt.subplots(2, n, figsize=(cell * n, 2 * cell), squeeze=False)
+    stack = np.stack([np.asarray(m, dtype=np.float32) for m in maps])
+    lo, hi = (float(stack.min()), float(stack.max())) if normalise else (0.0, 1.0)
+    hi = hi if hi > lo else lo + 1.0
+    for j in range(n):
+        top, bottom = axes[0, j], axes[1, j]
+        top.imshow(np.clip(images[j], 0, 1))
+        mask = np.asarray(masks[j], dtype=np.float32)
+        if mask.any():
+            top.contour(mask, levels=[0.5], colors="lime", linewidths=0.8)
+        bottom.imshow(stack[j], cmap="jet", vmin=lo, vmax=hi)
+        if titles is not None:
+            top.set_title(titles[j], fontsize=7)
+        for ax in (top, bottom):
+            ax.set_xticks([])
+            ax.set_yticks([])
+    axes[0, 0].set_ylabel("image + GT", fontsize=8)
+    axes[1, 0].set_ylabel("anomaly map", fontsize=8)
+    fig.tight_layout()
+    return fig
