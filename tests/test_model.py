@@ -1,0 +1,275 @@
+"""BayesPFL: shapes, exactness of the map pipeline, batch independence, one text call, training."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pfl.config import ModelConfig, TrainConfig
+from pfl.model import RCA, BayesPFL, mean_sigmoid_upsampled
+
+CFG = ModelConfig(n_prompts=3, n_ctx=5, n_state=5, flow_length=4, mc_train=1, mc_test=3)
+NAMES = ["bottle", "pcb1", "metal_nut", "bottle"]
+
+
+@pytest.fixture(scope="module")
+def images(tiny_backbone):
+    S = tiny_backbone.image_size
+    return torch.randn(4, 3, S, S, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def model(tiny_backbone):
+    return BayesPFL(tiny_backbone, CFG, seed=0).eval()
+
+
+def _forward(model, images, names, **kw):
+    with torch.no_grad():
+        return model(images, names, **kw)
+
+
+def test_eval_shapes_and_ranges(model, images):
+    bb = model.backbone
+    out = _forward(model, images, NAMES, seeds=[0, 1, 2, 3])
+    N, L, S, (gh, gw) = 4, len(bb.layers), bb.image_size, bb.grid
+    M = CFG.n_prompts * CFG.mc_test
+    assert out.anomaly_map.shape == (N, S, S)
+    assert out.layer_maps.shape == (N, L, S, S)
+    assert out.pixel_logits.shape == (N, L, M, gh, gw)
+    assert out.global_logits.shape == (N, M, 2)
+    assert out.score.shape == (N,)
+    assert out.text_features.shape == (N, CFG.n_prompts, CFG.mc_test, 2, bb.embed_dim)
+    assert out.banks.tolist() == [0, 1, 2] and out.n_samples == CFG.mc_test
+    assert set(out.flow_losses) == {"isd", "normal", "abnormal"}
+    assert bool(((out.anomaly_map > 0) & (out.anomaly_map < 1)).all())
+    torch.testing.assert_close(out.anomaly_map, out.layer_maps.mean(1))
+    torch.testing.assert_close(out.text_features.norm(dim=-1), torch.ones(N, 3, 3, 2))
+
+
+def test_rca_against_loop():
+    g = torch.Generator().manual_seed(0)
+    E, H, N, L, T, M = 16, 4, 2, 3, 7, 5
+    rca = RCA(E, H)
+    text = F.normalize(torch.randn(N, M, E, generator=g), dim=-1)
+    patches = F.normalize(torch.randn(N, L, T, E, generator=g), dim=-1)
+    out = rca(text, patches)
+    q = rca.query(text)
+    dh = E // H
+    ref = torch.empty(N, L, M, E)
+    for n in range(N):
+        for layer in range(L):
+            heads = []
+            for h in range(H):
+                qh, kh = q[n, :, h * dh:(h + 1) * dh], patches[n, layer, :, h * dh:(h + 1) * dh]
+                att = torch.softmax(qh @ kh.T / E ** 0.5, dim=-1)  # scale of the joint width
+                heads.append(att @ kh)
+            ref[n, layer] = F.normalize(torch.cat(heads, -1) + text[n], dim=-1)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+
+
+def test_maps_and_score_equal_a_brute_force_pipeline(model, images):
+    # Pair logits for the normal and the abnormal prompt, each upsampled on its own, softmax
+    # over the pair: the model upsamples only the difference. Exact to float rounding.
+    captured = {}
+    handle = model.rca.register_forward_hook(lambda m, a, o: captured.update(refined=o))
+    try:
+        out = _forward(model, images[:2], NAMES[:2], seeds=[5, 6])
+    finally:
+        handle.remove()
+    bb = model.backbone
+    with torch.no_grad():
+        feats = bb.encode_image(images[:2])
+        fs = F.normalize(torch.einsum("nltw,lew->nlte", feats.patches, model.proj.weight), dim=-1)
+        logits = model.tau_pix.exp() * torch.einsum("nlte,nlke->nlkt", fs, captured["refined"])
+        n, L, K, _ = logits.shape
+        up = F.interpolate(logits.reshape(n, L * K, *bb.grid), size=(bb.image_size,) * 2,
+                           mode="bilinear", align_corners=False)
+        up = up.view(n, L, K // 2, 2, bb.image_size, bb.image_size)
+        prob = torch.softmax(up, dim=3)[:, :, :, 1]
+        torch.testing.assert_close(out.layer_maps, prob.mean(2), atol=1e-6, rtol=0)
+        torch.testing.assert_close(out.anomaly_map, prob.mean((1, 2)), atol=1e-6, rtol=0)
+        # global score: pairs of (phi(t_n), phi(t_a)) against g, softmax, mean over pairs
+        t = out.text_features.reshape(n, -1, 2, bb.embed_dim)
+        lg = model.tau_img.exp() * (F.normalize(model.phi(t), dim=-1)
+                                    @ F.normalize(feats.global_, dim=-1)[:, None, :, None])
+        score = torch.softmax(lg.squeeze(-1), -1)[..., 1].mean(1)
+        torch.testing.assert_close(out.score, score, atol=1e-6, rtol=0)
+
+
+def test_mean_sigmoid_upsampled_chunks_change_nothing():
+    diff = torch.randn(3, 2, 5, 4, 4, generator=torch.Generator().manual_seed(0))
+    whole = mean_sigmoid_upsampled(diff, (16, 16))
+    chunked = mean_sigmoid_upsampled(diff, (16, 16), max_elements=1)
+    ref = torch.sigmoid(F.interpolate(diff.view(6, 5, 4, 4), size=(16, 16), mode="bilinear"))
+    torch.testing.assert_close(whole, ref.mean(1).view(3, 2, 16, 16), atol=1e-7, rtol=0)
+    assert torch.equal(whole, chunked)
+
+
+def test_batch_independence(model, images):
+    # The same image alone and inside a batch of 4 (other classes, so longer prompts in the
+    # same text call), with the same seed for its draws: the same map and score.
+    alone = _forward(model, images[2:3], ["bottle"], seeds=[123])
+    batch = _forward(model, images[[0, 2, 1, 3]], ["pcb1", "bottle", "metal_nut", "bottle"],
+                     seeds=[7, 123, 8, 9])
+    torch.testing.assert_close(batch.anomaly_map[1], alone.anomaly_map[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(batch.score[1], alone.score[0], atol=1e-5, rtol=0)
+    # and the draws really differ between images: the same image with another seed moves
+    other = _forward(model, images[2:3], ["bottle"], seeds=[124])
+    assert (other.anomaly_map - alone.anomaly_map).abs().max() > 1e-5
+
+
+def test_one_text_call_for_all_prompts(model, images, monkeypatch):
+    calls = []
+    real = model.backbone.encode_text_embeddings
+
+    def counting(x, eot):
+        calls.append(x.shape[0])
+        return real(x, eot)
+
+    monkeypatch.setattr(model.backbone, "encode_text_embeddings", counting)
+    _forward(model, images, NAMES, seeds=[0, 1, 2, 3])
+    assert calls == [4 * CFG.n_prompts * CFG.mc_test * 2]
+    calls.clear()
+    model.train()
+    try:
+        _forward(model, images[:2], NAMES[:2], seeds=[0, 1], bank_index=1)
+    finally:
+        model.eval()
+    assert calls == [2 * CFG.n_prompts * CFG.mc_train * 2]  # every bank for L_ort
+
+
+def test_determinism_for_a_generator_seed(model, images):
+    a = _forward(model, images[:2], NAMES[:2], generator=torch.Generator().manual_seed(3))
+    b = _forward(model, images[:2], NAMES[:2], generator=torch.Generator().manual_seed(3))
+    c = _forward(model, images[:2], NAMES[:2], generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a.anomaly_map, b.anomaly_map) and torch.equal(a.score, b.score)
+    assert not torch.equal(a.anomaly_map, c.anomaly_map)
+
+
+def _capture_iad(model):
+    zs = []
+    handle = model.iad_normal.register_forward_hook(lambda m, a, o: zs.append(o.z))
+    return zs, handle
+
+
+def test_share_iad_samples(model, images):
+    zs, handle = _capture_iad(model)
+    try:
+        _forward(model, images[:2], NAMES[:2], seeds=[0, 1])
+        model.cfg = dataclasses.replace(CFG, share_iad_samples=True)
+        model.reset_shared_iad()
+        _forward(model, images[:2], NAMES[:2], seeds=[0, 1])
+        _forward(model, images[2:], NAMES[2:], seeds=[2, 3])
+        model.reset_shared_iad()
+        _forward(model, images[2:], NAMES[2:], seeds=[2, 3])
+    finally:
+        model.cfg = CFG
+        model.reset_shared_iad()
+        handle.remove()
+    per_image, shared1, shared2, redrawn = zs
+    R, D = CFG.mc_test, model.backbone.text_width
+    assert per_image.shape == (R, 2, D) and not torch.allclose(per_image[:, 0], per_image[:, 1])
+    assert shared1.shape == (R, 1, D)
+    # drawn once, at the first image (from its stream), reused for the later images
+    torch.testing.assert_close(shared1[:, 0], per_image[:, 0], atol=0, rtol=0)
+    torch.testing.assert_close(shared2, shared1, atol=0, rtol=0)
+    # after a reset the next image draws anew (here from its own seed)
+    assert redrawn.shape == (R, 1, D) and not torch.allclose(redrawn, shared1)
+
+
+def test_training_mode_uses_one_bank_and_matches_inference(tiny_backbone, images):
+    model = BayesPFL(tiny_backbone, CFG, seed=1)
+    model.train()
+    train = _forward(model, images[:2], NAMES[:2], seeds=[4, 5], bank_index=2)
+    assert train.banks.tolist() == [2] and train.n_samples == 1
+    assert train.pixel_logits.shape[2] == 1 and train.global_logits.shape == (2, 1, 2)
+    assert train.text_features.shape[1:3] == (CFG.n_prompts, 1)
+    model.eval()
+    infer = _forward(model, images[:2], NAMES[:2], seeds=[4, 5], n_samples=1)
+    torch.testing.assert_close(train.pixel_logits[:, :, 0], infer.pixel_logits[:, :, 2],
+                               atol=1e-5, rtol=0)
+    # without bank_index the bank comes from the generator
+    model.train()
+    feats = model.backbone.encode_image(images[:1])
+    with torch.no_grad():
+        drawn = {int(model.forward_features(feats, NAMES[:1], seeds=[0],
+                                            generator=torch.Generator().manual_seed(s)).banks)
+                 for s in range(10)}
+    assert drawn == {0, 1, 2}
+
+
+def test_several_training_samples_average_in_the_loss(tiny_backbone, images):
+    model = BayesPFL(tiny_backbone, dataclasses.replace(CFG, mc_train=2), seed=0).train()
+    out = _forward(model, images[:2], NAMES[:2], seeds=[0, 1], bank_index=0)
+    probs = model.pixel_probs(out)
+    L, S = len(tiny_backbone.layers), tiny_backbone.image_size
+    assert probs.shape == (L, 2 * 2, S, S)
+    torch.testing.assert_close(probs.view(L, 2, 2, S, S).mean(1), out.layer_maps.transpose(0, 1),
+                               atol=1e-6, rtol=0)
+
+
+def _batch(tiny_backbone, images):
+    S = tiny_backbone.image_size
+    masks = torch.zeros(4, S, S)
+    masks[1, 20:60, 30:70] = 1
+    masks[3, 60:90, 10:50] = 1
+    return images, masks, torch.tensor([0, 1, 0, 1])
+
+
+def test_only_new_modules_get_gradients(tiny_backbone, images):
+    model = BayesPFL(tiny_backbone, CFG, seed=0).train()
+    x, masks, labels = _batch(tiny_backbone, images)
+    out = model(x, NAMES, seeds=[0, 1, 2, 3], bank_index=0)
+    model.loss(out, masks, labels, TrainConfig()).total.backward()
+    assert all(not p.requires_grad and p.grad is None for p in model.backbone.parameters())
+    new = model.trainable_parameters()
+    assert len(new) == len(list(model.parameters())) - len(list(model.backbone.parameters()))
+    missing = [n for n, p in model.named_parameters()
+               if not n.startswith("backbone.") and (p.grad is None or not p.grad.isfinite().all())]
+    assert missing == []
+    groups = model.parameter_groups()
+    assert sorted(map(id, sum(groups.values(), []))) == sorted(map(id, new))
+    assert len(groups["prompts"]) == 3 and len(groups["temperatures"]) == 2
+
+
+def test_one_adam_step_lowers_the_loss(tiny_backbone, images):
+    model = BayesPFL(tiny_backbone, CFG, seed=0).train()
+    x, masks, labels = _batch(tiny_backbone, images)
+    opt = torch.optim.Adam(model.trainable_parameters(), lr=1e-3)
+
+    def total():
+        out = model(x, NAMES, seeds=[0, 1, 2, 3], bank_index=1)
+        return model.loss(out, masks, labels, TrainConfig())
+
+    before = total()
+    before.total.backward()
+    opt.step()
+    with torch.no_grad():
+        after = total().as_dict()
+    before = before.as_dict()
+    assert after["total"] < before["total"]
+    assert before["flow_isd"] != 0 and before["ort"] > 0
+
+
+def test_trainable_state_roundtrip(tiny_backbone, images, model):
+    state = model.trainable_state_dict()
+    assert state and not any(k.startswith("backbone.") for k in state)
+    other = BayesPFL(tiny_backbone, CFG, seed=9).eval()
+    before = _forward(other, images[:1], NAMES[:1], seeds=[0])
+    other.load_trainable_state_dict(state)
+    mine = _forward(model, images[:1], NAMES[:1], seeds=[0])
+    theirs = _forward(other, images[:1], NAMES[:1], seeds=[0])
+    assert torch.equal(mine.anomaly_map, theirs.anomaly_map)
+    assert not torch.equal(before.anomaly_map, theirs.anomaly_map)
+    with pytest.raises(ValueError, match="missing"):
+        other.load_trainable_state_dict({k: v for k, v in state.items() if k != "tau_pix"})
+
+
+def test_bad_input_is_named(model, images):
+    with pytest.raises(ValueError, match="class names"):
+        _forward(model, images[:2], NAMES[:1], seeds=[0, 1])
+    with pytest.raises(ValueError, match="seeds"):
+        _forward(model, images[:2], NAMES[:2], seeds=[0])
+    with pytest.raises(ValueError, match="bank_index"):
+        _forward(model, images[:1], NAMES[:1], seeds=[0], bank_index=3)
