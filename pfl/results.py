@@ -32,7 +32,6 @@ import numpy as np
 import pandas as pd
 
 from pfl.metrics import METRICS
-from pfl.utils import atomic_write, atomic_write_text
 
 # Appendix table number -> metric name (pfl.metrics).
 PAPER_TABLES = {
@@ -117,6 +116,8 @@ class Table:
         if self.std is not None:
             frame = pd.concat([frame, self.std.add_suffix(STD_SUFFIX)], axis=1)
         frame = frame.rename_axis(self.values.index.name or "category")
+        from pfl.utils import atomic_write  # here: pfl.utils imports torch, tables need not
+
         return atomic_write(path, lambda p: frame.to_csv(p, na_rep="nan"))
 
     @classmethod
@@ -133,6 +134,8 @@ class Table:
 
     def save(self, stem: str | Path, bold_best: bool = False) -> tuple[Path, Path]:
         """Write ``stem.csv`` and ``stem.md``; return both paths."""
+        from pfl.utils import atomic_write_text  # here: pfl.utils imports torch
+
         stem = Path(stem)
         csv = self.to_csv(stem.with_suffix(".csv"))
         md = atomic_write_text(stem.with_suffix(".md"), self.to_markdown(bold_best=bold_best))
@@ -190,6 +193,8 @@ class Results:
         return frame.astype({"value": float, "seed": int})
 
     def to_csv(self, path: str | Path) -> Path:
+        from pfl.utils import atomic_write  # here: pfl.utils imports torch
+
         frame = self.frame
         return atomic_write(path, lambda p: frame.to_csv(p, index=False, na_rep="nan"))
 
