@@ -67,6 +67,7 @@ class TrainConfig:
     focal_gamma: float = 2.0
     selection: str = "last"  # "last" | "holdout" (aux categories held out) | "official_target"
     holdout_classes: int = 0  # aux categories held out for selection ("holdout")
+    selection_metric: str = "pixel_ap"  # mean metric that "holdout"/"official_target" maximise
     seed: int = 0
     num_workers: int = 0
     max_steps_per_epoch: int | None = None  # cap (smoke) on steps per epoch
@@ -93,6 +94,8 @@ class DataConfig:
     aux: str = "aux"  # auxiliary training dataset
     targets: tuple[str, ...] = ("target",)  # zero-shot target datasets
     synthetic: bool = True  # build the offline benchmark when root is missing
+    aux_split: str = "test"  # split of the aux dataset to train on (the authors: VisA's test)
+    feature_cache: str = "auto"  # frozen-tower features: "auto" | "disk" | "memory" | "none"
 
 
 @dataclass

@@ -1,0 +1,362 @@
+"""Frozen image-tower features computed once per dataset split, cached, and served as batches.
+
+Both CLIP towers are frozen (REFERENCE.md, "Backbone"), so an image's ``ImageFeatures`` never
+change during training or evaluation: :func:`extract` encodes a dataset split once and keeps
+the features with the masks, labels, class names and paths in a :class:`FeatureStore`.
+Training then costs only the new modules, which is what makes CPU training and the notebooks
+fast. A store can also be kept on disk (``runs/cache/<key>.safetensors``), keyed by a hash of
+the backbone's image-tower weights, its tapped layers and input size, the dataset's root,
+split and sample list, and the storage dtype.
+
+Storage dtype: ``float16`` by default. The patch tokens of the tiny tower at 224 px take
+256 KB per image in fp16 (512 KB in fp32); the 768-dimensional ViT-L tokens at 518 px take
+11 MB, which is why the ``paper`` profile streams images instead (``cache="none"``). Batches
+are served in float32. Rounding to fp16 changes a token by at most ~5e-4 of its magnitude;
+tests/test_features.py checks that maps and metrics of a method on fp16 features match fp32.
+
+    >>> import torch
+    >>> from pfl.backbone import ImageFeatures
+    >>> store = FeatureStore(
+    ...     ImageFeatures(torch.zeros(4, 8), torch.zeros(4, 2, 9, 16)),
+    ...     masks=torch.zeros(4, 12, 12), labels=torch.tensor([0, 1, 0, 1]),
+    ...     cls_names=["a", "a", "b", "b"], paths=["0", "1", "2", "3"])
+    >>> store.classes, len(store.subset(classes=["b"]))
+    (['a', 'b'], 2)
+    >>> [len(b) for b in store.batches(3)]
+    [3, 1]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from pfl.backbone import Backbone, ImageFeatures
+from pfl.method import Batch
+from pfl.utils import atomic_write
+
+CACHE_VERSION = 1  # bump when the stored layout changes: old cache files are then ignored
+CACHE_MODES = ("memory", "disk", "none")
+
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_MEMORY: dict[str, FeatureStore] = {}
+
+
+def progress_enabled(progress: bool | None) -> bool:
+    """``progress`` if given, else on only when stderr is a terminal (off in notebooks/CI)."""
+    if progress is not None:
+        return progress
+    return bool(getattr(sys.stderr, "isatty", lambda: False)())
+
+
+def backbone_fingerprint(backbone: Backbone) -> str:
+    """Hash of the image tower's weights, tapped layers and input size.
+
+    Hashes every byte of the visual state dict (~1 s for ViT-L, milliseconds for the tiny
+    tower), memoised per object together with the tensors' version counters, so an in-place
+    change of a weight is seen.
+    """
+    state = backbone.clip.visual.state_dict()
+    versions = tuple(t._version for t in state.values())
+    memo = _FINGERPRINTS.get(backbone)
+    if memo is not None and memo[0] == versions:
+        return memo[1]
+    h = hashlib.sha256()
+    h.update(json.dumps([list(backbone.layers), backbone.image_size]).encode())
+    for name, t in sorted(state.items()):
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    fp = h.hexdigest()[:20]
+    _FINGERPRINTS[backbone] = (versions, fp)
+    return fp
+
+
+def dataset_fingerprint(dataset) -> dict:
+    """What identifies a dataset split without reading its images: root, split, samples.
+
+    Uses ``dataset.fingerprint()`` when the dataset has one (:class:`pfl.data.AnomalyDataset`),
+    else its ``root``, ``split`` and ``samples``/``entries`` attributes; a dataset with none of
+    these cannot be cached on disk (it is still cached in memory for the process).
+    """
+    if hasattr(dataset, "fingerprint"):
+        return dataset.fingerprint()
+    samples = getattr(dataset, "samples", None) or getattr(dataset, "entries", None)
+    if samples is None:
+        raise ValueError(
+            f"{type(dataset).__name__} has no fingerprint(), samples or entries: it cannot be "
+            "cached on disk; use cache='memory' or 'none'"
+        )
+    return {
+        "root": str(Path(getattr(dataset, "root", "")).resolve()),
+        "split": getattr(dataset, "split", None),
+        "image_size": getattr(dataset, "image_size", None),
+        "samples": [s if isinstance(s, Mapping | str | int) else repr(s) for s in samples],
+    }
+
+
+def cache_key(backbone: Backbone, dataset, storage_dtype: torch.dtype) -> str:
+    """Hex key of (image-tower weights, layers, size, dataset split, storage dtype)."""
+    payload = {
+        "version": CACHE_VERSION,
+        "backbone": backbone_fingerprint(backbone),
+        "dataset": dataset_fingerprint(dataset),
+        "dtype": str(storage_dtype),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[
+        :24
+    ]
+
+
+@dataclass
+class FeatureStore:
+    """The frozen tower's output for every sample of one dataset split, with its ground truth.
+
+    Attributes:
+        feats: ``global_ (N, E)``, ``patches (N, L, T, W)`` in the storage dtype.
+        masks: ``(N, S, S)`` uint8 in {0, 1} (zeros for normal images and image-label data).
+        labels: ``(N,)`` int64, 0 normal / 1 anomalous.
+        cls_names, paths: N category names and image paths.
+        has_mask: False for datasets with image labels only (pixel metrics are skipped).
+        dataset: the source dataset, to read pixels back for methods that need them.
+        indices: position of each sample in ``dataset``.
+    """
+
+    feats: ImageFeatures
+    masks: torch.Tensor
+    labels: torch.Tensor
+    cls_names: list[str]
+    paths: list[str]
+    has_mask: bool = True
+    dataset: object | None = None
+    indices: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        n = len(self.cls_names)
+        shapes = {
+            "global_": self.feats.global_.shape[0], "patches": self.feats.patches.shape[0],
+            "masks": self.masks.shape[0], "labels": self.labels.shape[0], "paths": len(self.paths),
+        }
+        bad = {k: v for k, v in shapes.items() if v != n}
+        if bad:
+            raise ValueError(f"FeatureStore: {n} class names but {bad} rows")
+        if not self.indices:
+            self.indices = list(range(n))
+
+    def __len__(self) -> int:
+        return len(self.cls_names)
+
+    @property
+    def classes(self) -> list[str]:
+        """The categories present, sorted."""
+        return sorted(set(self.cls_names))
+
+    @property
+    def image_size(self) -> int:
+        return int(self.masks.shape[-1])
+
+    def select(self, rows: Sequence[int]) -> FeatureStore:
+        """The samples at ``rows`` (a new store sharing nothing mutable with this one)."""
+        idx = torch.as_tensor(list(rows), dtype=torch.long)
+        return FeatureStore(
+            ImageFeatures(self.feats.global_[idx], self.feats.patches[idx]),
+            masks=self.masks[idx], labels=self.labels[idx],
+            cls_names=[self.cls_names[i] for i in rows], paths=[self.paths[i] for i in rows],
+            has_mask=self.has_mask, dataset=self.dataset,
+            indices=[self.indices[i] for i in rows],
+        )
+
+    def subset(self, classes: Sequence[str] | None = None, per_class: int | None = None,
+               exclude: Sequence[str] = ()) -> FeatureStore:
+        """Samples of ``classes`` (default all) minus ``exclude``; at most ``per_class`` normal
+        and ``per_class`` anomalous images per category (the first ones, in store order)."""
+        keep = set(self.classes if classes is None else classes) - set(exclude)
+        unknown = keep - set(self.classes)
+        if unknown:
+            raise ValueError(f"categories {sorted(unknown)} are not in this store "
+                             f"(it has {self.classes})")
+        counts: dict[tuple[str, int], int] = {}
+        rows = []
+        for i, (c, y) in enumerate(zip(self.cls_names, self.labels.tolist())):
+            if c not in keep:
+                continue
+            k = counts.get((c, y), 0)
+            if per_class is None or k < per_class:
+                rows.append(i)
+                counts[(c, y)] = k + 1
+        return self.select(rows)
+
+    def batches(self, batch_size: int, *, shuffle: bool = False,
+                generator: torch.Generator | None = None, with_images: bool = False,
+                dtype: torch.dtype = torch.float32) -> Iterator[Batch]:
+        """:class:`pfl.method.Batch` es of ``batch_size`` (the last may be smaller).
+
+        Args:
+            shuffle: a random order from ``generator`` (``torch.randperm``), else store order.
+            with_images: also read the CLIP-normalised images back from the dataset (for
+                methods that look at pixels).
+            dtype: features and masks are served in this dtype.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        n = len(self)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            rows = idx.tolist()
+            images = None
+            if with_images:
+                if self.dataset is None:
+                    raise ValueError("this FeatureStore has no dataset to read images from; "
+                                     "build it with pfl.features.extract(backbone, dataset)")
+                images = torch.stack([self.dataset[self.indices[i]]["image"] for i in rows])
+            yield Batch(
+                cls_names=[self.cls_names[i] for i in rows],
+                images=images,
+                feats=ImageFeatures(self.feats.global_[idx].to(dtype),
+                                    self.feats.patches[idx].to(dtype)),
+                masks=self.masks[idx].to(dtype),
+                labels=self.labels[idx].clone(),
+                paths=[self.paths[i] for i in rows],
+            )
+
+    # --- disk --------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write the store as one safetensors file (atomically); the dataset is not saved."""
+        tensors = {
+            "global_": self.feats.global_.contiguous(),
+            "patches": self.feats.patches.contiguous(),
+            "masks": self.masks.to(torch.uint8).contiguous(),
+            "labels": self.labels.to(torch.int64).contiguous(),
+        }
+        meta = {"cls_names": json.dumps(self.cls_names), "paths": json.dumps(self.paths),
+                "has_mask": json.dumps(self.has_mask), "indices": json.dumps(self.indices),
+                "version": str(CACHE_VERSION)}
+        return atomic_write(path, lambda p: save_file(tensors, p, metadata=meta))
+
+    @classmethod
+    def load(cls, path: str | Path, dataset=None) -> FeatureStore:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+        t = load_file(str(path))
+        return cls(
+            ImageFeatures(t["global_"], t["patches"]), masks=t["masks"], labels=t["labels"],
+            cls_names=json.loads(meta["cls_names"]), paths=json.loads(meta["paths"]),
+            has_mask=json.loads(meta["has_mask"]), dataset=dataset,
+            indices=json.loads(meta["indices"]),
+        )
+
+
+def _stack_samples(samples: list[dict], size: int) -> dict:
+    for s in samples:
+        shape = tuple(s["image"].shape)
+        if shape != (3, size, size):
+            raise ValueError(
+                f"image {s['path']!r} is {shape} but the backbone takes (3, {size}, {size}): "
+                f"build the dataset with image_size={size}"
+            )
+        if torch.as_tensor(s["mask"]).numel() != size * size:
+            raise ValueError(f"mask of {s['path']!r} is {tuple(s['mask'].shape)}, not "
+                             f"({size}, {size}): masks must match the image size")
+    return {
+        "image": torch.stack([s["image"] for s in samples]),
+        "mask": torch.stack([torch.as_tensor(s["mask"]).reshape(size, size) for s in samples]),
+        "label": torch.tensor([int(s["label"]) for s in samples]),
+        "cls_name": [s["cls_name"] for s in samples],
+        "path": [str(s["path"]) for s in samples],
+        "has_mask": [bool(s.get("has_mask", True)) for s in samples],
+    }
+
+
+def encode_dataset(backbone: Backbone, dataset, *, batch_size: int = 32,
+                   storage_dtype: torch.dtype = torch.float16, progress: bool | None = None,
+                   desc: str = "features") -> FeatureStore:
+    """Encode every sample of ``dataset`` with the frozen tower.
+
+    ``dataset[i]`` must be a dict with ``image (3, S, S)`` (CLIP-normalised, S the backbone's
+    input size), ``mask (S, S)``, ``label``, ``cls_name``, ``path`` and optionally
+    ``has_mask`` (:class:`pfl.data.AnomalyDataset` gives these).
+    """
+    n = len(dataset)
+    if n == 0:
+        raise ValueError(f"dataset {getattr(dataset, 'root', dataset)!r} has no samples")
+    globals_, patches, masks, labels, names, paths, has_mask = [], [], [], [], [], [], []
+    bar = tqdm(total=n, desc=desc, unit="img", disable=not progress_enabled(progress))
+    for start in range(0, n, batch_size):
+        b = _stack_samples([dataset[i] for i in range(start, min(n, start + batch_size))],
+                           backbone.image_size)
+        f = backbone.encode_image(b["image"])
+        globals_.append(f.global_.to(storage_dtype))
+        patches.append(f.patches.to(storage_dtype))
+        masks.append((b["mask"] > 0.5).to(torch.uint8))
+        labels.append(b["label"])
+        names += b["cls_name"]
+        paths += b["path"]
+        has_mask += b["has_mask"]
+        bar.update(len(b["path"]))
+    bar.close()
+    return FeatureStore(
+        ImageFeatures(torch.cat(globals_), torch.cat(patches)), masks=torch.cat(masks),
+        labels=torch.cat(labels), cls_names=names, paths=paths, has_mask=all(has_mask),
+        dataset=dataset,
+    )
+
+
+def default_cache_dir() -> Path:
+    from pfl.config import repo_root
+
+    return repo_root() / "runs" / "cache"
+
+
+def extract(backbone: Backbone, dataset, *, cache: str = "disk",
+            cache_dir: str | Path | None = None, batch_size: int = 32,
+            storage_dtype: torch.dtype = torch.float16, progress: bool | None = None,
+            desc: str = "features") -> FeatureStore:
+    """The :class:`FeatureStore` of ``dataset``: from memory, from disk, or encoded now.
+
+    Args:
+        cache: ``"memory"`` (keep for this process), ``"disk"`` (also
+            ``cache_dir/<key>.safetensors``, default ``runs/cache``) or ``"none"``.
+        storage_dtype: dtype the features are kept in (float16 default, see module docstring).
+    """
+    if cache not in CACHE_MODES:
+        raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
+    if cache == "none":
+        return encode_dataset(backbone, dataset, batch_size=batch_size,
+                              storage_dtype=storage_dtype, progress=progress, desc=desc)
+    try:
+        key = cache_key(backbone, dataset, storage_dtype)
+    except ValueError:
+        if cache == "disk":
+            raise
+        key = None
+    if key is not None and key in _MEMORY:
+        hit = _MEMORY[key]
+        return FeatureStore(hit.feats, hit.masks, hit.labels, list(hit.cls_names),
+                            list(hit.paths), hit.has_mask, dataset, list(hit.indices))
+    path = Path(cache_dir or default_cache_dir()) / f"{key}.safetensors"
+    if cache == "disk" and path.is_file():
+        store = FeatureStore.load(path, dataset)
+    else:
+        store = encode_dataset(backbone, dataset, batch_size=batch_size,
+                               storage_dtype=storage_dtype, progress=progress, desc=desc)
+        if cache == "disk":
+            store.save(path)
+    if key is not None:
+        _MEMORY[key] = store
+    return store
+
+
+def clear_memory_cache() -> None:
+    """Forget every store kept in memory by :func:`extract`."""
+    _MEMORY.clear()

@@ -1,0 +1,136 @@
+"""pfl.features: cached frozen-tower features equal a direct encode; the disk cache is keyed by
+weights and data; batches cover every sample once; fp16 storage leaves metrics unchanged."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from _toy import ToyMethod, toy_store
+
+from pfl.config import EvalConfig
+from pfl.features import FeatureStore, cache_key, clear_memory_cache, extract
+
+S = 112  # the tiny_backbone fixture's input size
+
+
+class FakeDataset:
+    """Six random images in two categories; the interface of pfl.data.AnomalyDataset."""
+
+    def __init__(self, n=6, seed=0, root="/fake"):
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.randn(n, 3, S, S, generator=g)
+        self.masks = torch.zeros(n, S, S)
+        self.masks[1::2, 20:40, 30:50] = 1
+        self.root, self.split, self.seed = root, "test", seed
+        self.samples = [{"img_path": f"{i}.png", "seed": seed} for i in range(n)]
+        self.reads = 0
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return {"image": self.images[i], "mask": self.masks[i], "label": i % 2,
+                "cls_name": "ab"[i // 3], "path": f"{self.root}/{i}.png", "has_mask": True}
+
+
+def test_store_equals_direct_encoding(tiny_backbone):
+    ds = FakeDataset()
+    store = extract(tiny_backbone, ds, cache="none", batch_size=4, storage_dtype=torch.float32)
+    ref = tiny_backbone.encode_image(ds.images)
+    assert torch.equal(store.feats.patches, ref.patches)
+    assert torch.equal(store.feats.global_, ref.global_)
+    assert store.masks.dtype == torch.uint8 and torch.equal(store.masks.float(), ds.masks)
+    assert store.labels.tolist() == [0, 1, 0, 1, 0, 1] and store.classes == ["a", "b"]
+    half = extract(tiny_backbone, ds, cache="none", storage_dtype=torch.float16)
+    torch.testing.assert_close(half.feats.patches.float(), ref.patches, rtol=1e-3, atol=1e-3)
+
+
+def test_disk_cache_hit_and_keys(tiny_backbone, tmp_path):
+    clear_memory_cache()
+    ds = FakeDataset()
+    first = extract(tiny_backbone, ds, cache="disk", cache_dir=tmp_path)
+    files = list(tmp_path.glob("*.safetensors"))
+    assert len(files) == 1
+    clear_memory_cache()
+    ds2 = FakeDataset()
+    again = extract(tiny_backbone, ds2, cache="disk", cache_dir=tmp_path)
+    assert ds2.reads == 0  # served from disk: no image read
+    assert torch.equal(again.feats.patches, first.feats.patches)
+    assert torch.equal(again.masks, first.masks) and again.paths == first.paths
+    # The key changes with the data and with the tower's weights, not with the object.
+    k = cache_key(tiny_backbone, ds, torch.float16)
+    assert cache_key(tiny_backbone, FakeDataset(), torch.float16) == k
+    assert cache_key(tiny_backbone, FakeDataset(seed=1), torch.float16) != k
+    assert cache_key(tiny_backbone, ds, torch.float32) != k
+    same = copy.deepcopy(tiny_backbone)
+    assert cache_key(same, ds, torch.float16) == k
+    with torch.no_grad():
+        same.clip.visual.conv1.weight[0, 0, 0, 0] += 1e-3
+    assert cache_key(same, ds, torch.float16) != k
+    # Memory cache: a second call in the process reads nothing either.
+    clear_memory_cache()
+    ds3 = FakeDataset()
+    extract(tiny_backbone, ds3, cache="memory")
+    extract(tiny_backbone, ds3, cache="memory")
+    assert ds3.reads == len(ds3)
+
+
+def test_batches_cover_every_sample_once_and_shuffle_is_seeded():
+    store = toy_store(["a", "b", "c"], n_per_class=5)
+    seen = [p for b in store.batches(4, shuffle=True, generator=torch.Generator().manual_seed(1))
+            for p in b.paths]
+    assert sorted(seen) == sorted(store.paths) and seen != store.paths
+    again = [p for b in store.batches(4, shuffle=True, generator=torch.Generator().manual_seed(1))
+             for p in b.paths]
+    assert seen == again
+    b = next(store.batches(3))
+    assert b.feats.patches.dtype == torch.float32 and b.masks.dtype == torch.float32
+    assert torch.equal(b.feats.patches, store.feats.patches[:3].float())
+    sub = store.subset(classes=["a", "c"], per_class=1)
+    assert sub.cls_names == ["a", "a", "c", "c"] and sub.labels.tolist() == [0, 1, 0, 1]
+    with pytest.raises(ValueError, match="not in this store"):
+        store.subset(classes=["nope"])
+
+
+def test_images_read_back_only_when_asked(tiny_backbone):
+    ds = FakeDataset()
+    store = extract(tiny_backbone, ds, cache="none")
+    assert next(store.batches(2)).images is None
+    b = next(store.batches(2, shuffle=True, generator=torch.Generator().manual_seed(0),
+                           with_images=True))
+    rows = [int(p.rsplit("/", 1)[1][0]) for p in b.paths]
+    assert torch.equal(b.images, ds.images[rows])
+
+
+def test_save_load_roundtrip(tmp_path):
+    store = toy_store(["a", "b"], n_per_class=4)
+    store.has_mask = False
+    back = FeatureStore.load(store.save(tmp_path / "s.safetensors"))
+    assert torch.equal(back.feats.patches, store.feats.patches)
+    assert back.cls_names == store.cls_names and back.has_mask is False
+
+
+def test_fp16_storage_does_not_change_metrics():
+    from pfl.evaluate import evaluate
+
+    store = toy_store(["a", "b", "c"], n_per_class=8, seed=2)
+    half = FeatureStore(
+        type(store.feats)(store.feats.global_.half(), store.feats.patches.half()),
+        store.masks, store.labels, store.cls_names, store.paths)
+    m = ToyMethod()
+    with torch.no_grad():
+        m.heads.copy_(torch.ones_like(m.heads))  # a detector that works, so metrics move
+    cfg = EvalConfig(batch_size=8, sigma=1.0)
+    a = evaluate(m, store, cfg).table
+    b = evaluate(m, half, cfg).table
+    np.testing.assert_allclose(a.to_numpy(float), b.to_numpy(float), atol=2e-3)
+    assert a.loc["mean", "pixel_auroc"] > 0.8
+
+
+def test_wrong_image_size_is_a_clear_error(tiny_backbone):
+    ds = FakeDataset()
+    ds.images = ds.images[..., :64, :64]
+    with pytest.raises(ValueError, match="image_size=112"):
+        extract(tiny_backbone, ds, cache="none")
