@@ -1,0 +1,307 @@
+"""Zero-shot evaluation of a trained method on every category of a target dataset.
+
+REFERENCE.md, "Maps, scores, losses" and "Metrics"; appendix A.1 (R = 10 at inference, set by
+the method's own config, e.g. ``ModelConfig.mc_test``) and Tables A.4-A.9.
+
+1. The method predicts an abnormal-probability map ``(N, S, S)`` and a score per image.
+2. Maps are blurred with a Gaussian of sigma 8 px at 518 px, scaled to the image size
+   (``8 * S / 518``: 3.46 px at 224), before any pixel metric.
+3. Image score, ``EvalConfig.image_score``:
+   ``"per_image"`` (default) the method's own score (Bayes-PFL: the global score);
+   ``"official_minmax"`` the authors' transductive recipe: per category, over the whole test
+   set, min-max normalise the method's score and the mean of the top-k smoothed map values
+   (k = 2000 at 518 px, scaled by area: 374 at 224), then average them with weight 0.5 each.
+   It uses the other test images of the category, so one image's score depends on the test
+   set; use it only to compare with published numbers.
+4. Metrics per category and their mean (:func:`pfl.metrics.evaluate_records`), collected in a
+   :class:`pfl.results.Results` that prints the appendix's tables.
+
+>>> round(scaled_sigma(8.0, 518), 3), round(scaled_sigma(8.0, 224), 3)
+(8.0, 3.459)
+>>> scaled_topk(2000, 518), scaled_topk(2000, 224)
+(2000, 374)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import ndimage
+from tqdm.auto import tqdm
+
+from pfl.config import EvalConfig
+from pfl.features import FeatureStore, progress_enabled
+from pfl.method import Method
+from pfl.metrics import evaluate_records
+from pfl.results import PAPER_TABLES, Results
+
+REFERENCE_SIZE = 518  # the paper's input side: sigma and top-k are given at this size
+IMAGE_SCORES = ("per_image", "official_minmax")
+
+
+def scaled_sigma(sigma: float, image_size: int) -> float:
+    """Blur sigma in pixels at ``image_size`` for ``sigma`` given at 518 px."""
+    return sigma * image_size / REFERENCE_SIZE
+
+
+def scaled_topk(topk: int, image_size: int) -> int:
+    """Top-k count at ``image_size`` for ``topk`` given at 518 px (scaled by area, >= 1)."""
+    return max(1, round(topk * (image_size / REFERENCE_SIZE) ** 2))
+
+
+def smooth_maps(maps: np.ndarray | torch.Tensor, sigma: float) -> np.ndarray:
+    """Gaussian blur of each map ``(N, H, W)`` with ``sigma`` pixels (scipy, 'reflect' edges,
+    truncated at 4 sigma), as float32; ``sigma <= 0`` returns the maps unchanged."""
+    if isinstance(maps, torch.Tensor):
+        maps = maps.detach().float().cpu().numpy()
+    maps = np.asarray(maps, dtype=np.float32)
+    if maps.ndim != 3:
+        raise ValueError(f"maps must be (N, H, W), got {maps.shape}")
+    if sigma <= 0:
+        return maps
+    return ndimage.gaussian_filter(maps, sigma=(0, sigma, sigma), mode="reflect", truncate=4.0)
+
+
+def topk_mean(maps: np.ndarray, k: int) -> np.ndarray:
+    """Mean of the ``k`` largest values of each map ``(N, H, W) -> (N,)``."""
+    flat = np.asarray(maps).reshape(len(maps), -1)
+    k = min(k, flat.shape[1])
+    return np.partition(flat, flat.shape[1] - k, axis=1)[:, -k:].mean(axis=1)
+
+
+def _minmax(x: np.ndarray) -> np.ndarray:
+    span = x.max() - x.min()
+    return (x - x.min()) / span if span > 0 else np.zeros_like(x)
+
+
+def official_minmax_scores(scores: np.ndarray, maps: np.ndarray, cls_names: Sequence[str],
+                           k: int) -> np.ndarray:
+    """The authors' transductive image score (module docstring): per category,
+    ``0.5 * minmax(scores) + 0.5 * minmax(topk_mean(maps, k))``.
+
+    >>> s = official_minmax_scores(np.array([0.2, 0.4, 0.9, 0.1]),
+    ...     np.array([[[0.0]], [[1.0]], [[0.5]], [[0.5]]]), ["a", "a", "b", "b"], k=1)
+    >>> s.round(3).tolist()
+    [0.0, 1.0, 0.5, 0.0]
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    local = topk_mean(maps, k).astype(np.float64)
+    out = np.empty_like(scores)
+    names = np.asarray(cls_names)
+    for c in np.unique(names):
+        rows = names == c
+        out[rows] = 0.5 * _minmax(scores[rows]) + 0.5 * _minmax(local[rows])
+    return out
+
+
+@dataclass
+class PredictionSet:
+    """A method's outputs on a store: smoothed maps ``(N, S, S)`` float32, the method's own
+    scores ``(N,)``, and the ground truth (masks uint8, labels, class names, paths)."""
+
+    maps: np.ndarray
+    scores: np.ndarray
+    masks: np.ndarray
+    labels: np.ndarray
+    cls_names: list[str]
+    paths: list[str]
+    has_mask: bool = True
+
+
+def predict_store(method: Method, store: FeatureStore, cfg: EvalConfig | None = None, *,
+                  progress: bool | None = None, desc: str = "predict") -> PredictionSet:
+    """Run ``method.predict`` on every batch of ``store`` (no gradients, one generator seeded
+    with ``cfg.seed``) and blur the maps (:func:`smooth_maps`, sigma scaled to the size)."""
+    cfg = cfg or EvalConfig()
+    train_mode = getattr(method, "train", None)
+    if callable(train_mode):
+        train_mode(False)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    sigma = scaled_sigma(cfg.sigma, store.image_size)
+    maps, scores = [], []
+    bar = tqdm(total=len(store), desc=desc, unit="img", disable=not progress_enabled(progress))
+    needs_images = bool(getattr(method, "needs_images", False))
+    with torch.no_grad():
+        for batch in store.batches(cfg.batch_size, with_images=needs_images):
+            pred = method.predict(batch, gen)
+            if pred.maps.shape != batch.masks.shape:
+                raise ValueError(f"{method.name}.predict gave maps {tuple(pred.maps.shape)} for "
+                                 f"masks {tuple(batch.masks.shape)}: maps must be (N, S, S) at "
+                                 "the input size")
+            maps.append(smooth_maps(pred.maps, sigma))
+            scores.append(pred.scores.detach().float().cpu().numpy())
+            bar.update(len(batch))
+    bar.close()
+    return PredictionSet(
+        maps=np.concatenate(maps), scores=np.concatenate(scores).astype(np.float64),
+        masks=store.masks.numpy(), labels=store.labels.numpy(), cls_names=list(store.cls_names),
+        paths=list(store.paths), has_mask=store.has_mask,
+    )
+
+
+def image_scores(pred: PredictionSet, cfg: EvalConfig) -> np.ndarray:
+    """The image score per ``cfg.image_score`` (module docstring)."""
+    if cfg.image_score == "per_image":
+        return pred.scores
+    if cfg.image_score == "official_minmax":
+        k = scaled_topk(cfg.topk, pred.maps.shape[-1])
+        return official_minmax_scores(pred.scores, pred.maps, pred.cls_names, k)
+    raise ValueError(f"EvalConfig.image_score must be one of {IMAGE_SCORES}, got "
+                     f"{cfg.image_score!r}")
+
+
+@dataclass
+class EvalResult:
+    """One dataset's evaluation.
+
+    table: per-category metrics (fractions) and their ``mean`` row (columns
+    :data:`pfl.metrics.METRICS`). samples: one row per image (path, category, label, image
+    score, the method's own score, map max). predictions: kept when asked for.
+    """
+
+    name: str
+    table: pd.DataFrame
+    samples: pd.DataFrame
+    predictions: PredictionSet | None = None
+    figures: list[Path] = field(default_factory=list)
+
+
+def evaluate(method: Method, store: FeatureStore, cfg: EvalConfig | None = None, *,
+             name: str = "target", keep_predictions: bool = False,
+             figures_dir: str | Path | None = None, figure_prefix: str = "",
+             progress: bool | None = None) -> EvalResult:
+    """Zero-shot metrics of ``method`` on every category of ``store``.
+
+    Args:
+        cfg: blur sigma, image score recipe, AUPRO variant, batch size, seed.
+        name: dataset name (tables, figure names).
+        keep_predictions: keep the smoothed maps in the result (memory: N x S x S float32).
+        figures_dir: if given, one qualitative figure per category is written there
+            (``<prefix><name>_<category>.png`` and the CSV beside it).
+    """
+    cfg = cfg or EvalConfig()
+    pred = predict_store(method, store, cfg, progress=progress, desc=f"{name}")
+    scores = image_scores(pred, cfg)
+    records = [
+        {"cls_name": c, "score": float(s), "label": int(y), "anomaly_map": m, "mask": k,
+         "path": p}
+        for c, s, y, m, k, p in zip(pred.cls_names, scores, pred.labels, pred.maps, pred.masks,
+                                    pred.paths)
+    ]
+    table = evaluate_records(records, has_masks=pred.has_mask, aupro=cfg.aupro)
+    samples = pd.DataFrame({
+        "path": pred.paths, "category": pred.cls_names, "label": pred.labels,
+        "score": scores, "method_score": pred.scores,
+        "map_max": pred.maps.reshape(len(pred.maps), -1).max(axis=1),
+    })
+    result = EvalResult(name=name, table=table, samples=samples,
+                        predictions=pred if keep_predictions else None)
+    if figures_dir is not None:
+        result.figures = qualitative_figures(store, pred, figures_dir, name, figure_prefix)
+    return result
+
+
+def qualitative_figures(store: FeatureStore, pred: PredictionSet, figures_dir: str | Path,
+                        name: str, prefix: str = "", per_category: int = 4) -> list[Path]:
+    """One figure per category: its first ``per_category`` anomalous test images with the
+    ground-truth outline (top) and the smoothed map (bottom, min-max over the figure's maps,
+    as the paper's qualitative figures A.10-A.34), saved with the CSV behind it."""
+    import matplotlib.pyplot as plt
+
+    from pfl.preprocess import denormalize
+    from pfl.viz import plot_anomaly_maps, save_figure
+
+    if store.dataset is None:
+        return []
+    out = []
+    names = np.asarray(pred.cls_names)
+    for c in sorted(set(pred.cls_names)):
+        rows = [i for i in np.flatnonzero(names == c) if pred.labels[i] == 1][:per_category]
+        if not rows:
+            rows = list(np.flatnonzero(names == c)[:per_category])
+        images = [denormalize(store.dataset[store.indices[i]]["image"]) for i in rows]
+        fig = plot_anomaly_maps(images, [pred.masks[i] for i in rows],
+                                [pred.maps[i] for i in rows],
+                                titles=[Path(pred.paths[i]).name for i in rows])
+        fig.suptitle(f"{name} / {c}", fontsize=9)
+        csv = pd.DataFrame({
+            "path": [pred.paths[i] for i in rows], "label": [int(pred.labels[i]) for i in rows],
+            "score": [float(pred.scores[i]) for i in rows],
+            "map_min": [float(pred.maps[i].min()) for i in rows],
+            "map_max": [float(pred.maps[i].max()) for i in rows],
+            "defect_pixels": [int(pred.masks[i].sum()) for i in rows],
+        })
+        safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in f"{name}_{c}")
+        out.append(save_figure(fig, Path(figures_dir) / f"{prefix}{safe}.png", csv=csv, dpi=80))
+        plt.close(fig)
+    return out
+
+
+def evaluate_all(method: Method, stores: Mapping[str, FeatureStore],
+                 cfg: EvalConfig | None = None, *, out_dir: str | Path | None = None,
+                 method_name: str | None = None, results: Results | None = None,
+                 seed: int = 0, figures: bool = True, progress: bool | None = None
+                 ) -> tuple[Results, dict[str, EvalResult]]:
+    """Evaluate ``method`` on several target datasets; collect every value in a
+    :class:`pfl.results.Results` (``method_name``, dataset, category, metric, ``seed``).
+
+    With ``out_dir``: ``results.csv`` (long form), per dataset ``tables/<dataset>.csv/.md``
+    (categories x metrics) and ``tables/<dataset>_tableA4.md`` ... ``A9`` (the appendix
+    tables, categories x methods), ``samples/<dataset>.csv`` (per-image scores) and
+    ``figures/<dataset>_<category>.png`` (+ CSV).
+    """
+    cfg = cfg or EvalConfig()
+    results = results if results is not None else Results()
+    method_name = method_name or method.name
+    evals = {}
+    out = Path(out_dir) if out_dir is not None else None
+    for name, store in stores.items():
+        res = evaluate(method, store, cfg, name=name, progress=progress,
+                       figures_dir=(out / "figures") if (out is not None and figures) else None)
+        results.add_metrics(res.table, method_name, name, seed=seed)
+        evals[name] = res
+        if out is not None:
+            from pfl.utils import atomic_write
+
+            atomic_write(out / "samples" / f"{name}.csv",
+                         lambda p, r=res: r.samples.to_csv(p, index=False))
+    if out is not None:
+        write_tables(results, out)
+    return results, evals
+
+
+def write_tables(results: Results, out_dir: str | Path) -> list[Path]:
+    """Every table of ``results`` under ``out_dir/tables`` plus ``out_dir/results.csv``."""
+    out = Path(out_dir)
+    written = [results.to_csv(out / "results.csv")]
+    frame = results.frame
+    for dataset in dict.fromkeys(frame["dataset"]):
+        for method in dict.fromkeys(frame.loc[frame["dataset"] == dataset, "method"]):
+            stem = out / "tables" / (f"{dataset}" if frame["method"].nunique() == 1
+                                     else f"{dataset}_{method}")
+            written += results.metrics_table(method, dataset).save(stem)
+        for number in PAPER_TABLES:
+            written += results.paper_table(number, dataset).save(
+                out / "tables" / f"{dataset}_table{number.replace('.', '')}", bold_best=True)
+    return written
+
+
+def summary_frame(results: Results, metrics: Sequence[str] | None = None) -> pd.DataFrame:
+    """Mean over categories per (method, dataset) and metric, fractions: one row each."""
+    from pfl.metrics import METRICS
+
+    metrics = list(metrics or METRICS)
+    rows = {}
+    frame = results.frame
+    for (method, dataset) in dict.fromkeys(zip(frame["method"], frame["dataset"])):
+        t = results.metrics_table(method, dataset, metrics).values
+        rows[(method, dataset)] = t.loc["mean"]
+    out = pd.DataFrame.from_dict(rows, orient="index")[metrics]
+    out.index = pd.MultiIndex.from_tuples(out.index, names=["method", "dataset"])
+    return out
+
