@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 FLOW_TYPES = ("planar", "gaussian")
 _LOG_2PI = math.log(2.0 * math.pi)
+_U_HAT_ZERO = math.log(math.e - 1.0)  # w^T u at which m(w^T u) = 0, i.e. u_hat = 0
 
 
 def _safe_log_abs(x: Tensor) -> Tensor:
@@ -300,11 +301,13 @@ class PromptFlow(nn.Module):
         encoder: an existing :class:`GaussianEncoder` to share (the two IAD flows share one).
 
     Note:
-        Init: ``u = 0`` and ``b = 0`` (amortised: the u and b heads are zero), so at start
-        each step is the identity (``invertible=False``) and ``q_K = q0`` with
-        ``sigma = init_std``. With ``invertible=True`` and ``u = 0``, ``u_hat`` is
-        ``-0.31 w / ||w||^2``; ``b = 0`` then bounds each step's move by ``0.31 ||z||``
-        (``|tanh(w^T z)| <= ||w|| ||z||``), so samples stay at q0's scale. Free ``w`` is
+        Init: the learnable ``u`` and ``b`` are 0 (amortised: zero u and b heads), so each
+        step starts as the identity and ``q_K = q0`` with ``sigma = init_std``. For
+        ``invertible=True`` the ``u`` handed to :func:`planar_step` is
+        ``u + log(e - 1) w / ||w||^2``: then ``w^T u = log(e - 1)``, where
+        ``m(w^T u) = 0``, so ``u_hat = 0`` at init too (without the shift ``u_hat`` would
+        start at ``-0.31 w / ||w||^2``, a contraction by 0.31 along ``w`` at every step). The
+        shift is a bijection of ``u``: the family of flows is unchanged. Free ``w`` is
         ``N(0, 1/D)`` per entry (norm ~1); the amortised w head keeps torch's default init.
     """
 
@@ -363,15 +366,21 @@ class PromptFlow(nn.Module):
         )
 
     def flow_params(self, xi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Planar parameters: amortised ``u, w (K, N, D), b (K, N)``; free ``(K, D), (K,)``."""
-        if not self.amortised:
-            return self.u, self.w, self.b
+        """The ``u, w, b`` for :func:`planar_flow`: amortised ``(K, N, D), (K, N, D), (K, N)``;
+        free ``(K, D), (K, D), (K,)``. With ``invertible`` ``u`` includes the init shift."""
         n, K, D = xi.shape[0], self.n_steps, self.dim
-        if K == 0:  # no heads were built (an empty Linear warns at init)
+        if not self.amortised:
+            u, w, b = self.u, self.w, self.b
+        elif K == 0:  # no heads were built (an empty Linear warns at init)
             return xi.new_zeros(0, n, D), xi.new_zeros(0, n, D), xi.new_zeros(0, n)
-        u = self.u_head(xi).view(n, K, D).transpose(0, 1)
-        w = self.w_head(xi).view(n, K, D).transpose(0, 1)
-        return u, w, self.b_head(xi).transpose(0, 1)
+        else:
+            u = self.u_head(xi).view(n, K, D).transpose(0, 1)
+            w = self.w_head(xi).view(n, K, D).transpose(0, 1)
+            b = self.b_head(xi).transpose(0, 1)
+        if self.invertible:
+            w_sq = (w * w).sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+            u = u + _U_HAT_ZERO * w / w_sq
+        return u, w, b
 
     def forward(
         self,
