@@ -84,11 +84,75 @@ def _run_pretrain(args) -> int:
     return 0
 
 
+def _add_data(sub) -> None:
+    from pfl.datasets import ADAPTERS
+
+    p = sub.add_parser("data", help="build the offline benchmark, or index a published dataset")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    s = dsub.add_parser("synth", help="build the synthetic benchmark (aux, target, medical)")
+    s.add_argument("--out", default="data/synthetic", help="folder for <domain>/meta.json trees")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--size", type=int, default=None, help="image side in px (default 224)")
+    s.add_argument("--n-normal", type=int, default=None,
+                   help="normal test images per category (default 40)")
+    s.add_argument("--n-anomalous", type=int, default=None,
+                   help="anomalous test images per category (default 40)")
+    s.add_argument("--n-train", type=int, default=None,
+                   help="normal and anomalous train images per aux category (default 40 each)")
+    s.add_argument("--domains", nargs="+", default=None, help="subset of aux target medical")
+    s.add_argument("--workers", type=int, default=None, help="processes (default 2)")
+    s.set_defaults(func=_run_data_synth)
+    names = ", ".join(f"{k} ({a.title})" for k, a in ADAPTERS.items())
+    c = dsub.add_parser("convert", help="write meta.json for a dataset in its published layout",
+                        description=f"Datasets: {names}.")
+    c.add_argument("dataset", help="registry name or published name, e.g. mvtec, VisA")
+    c.add_argument("--root", required=True, help="the dataset's folder as published")
+    c.add_argument("--out", default=None, help="folder for meta.json if root is read-only")
+    c.set_defaults(func=_run_data_convert)
+
+
+def _run_data_synth(args) -> int:
+    import time
+
+    from pfl.synthetic import SynthConfig, build_benchmark
+
+    changes = {"seed": args.seed}
+    for key, val in (("image_size", args.size), ("n_test_normal", args.n_normal),
+                     ("n_test_anomalous", args.n_anomalous), ("n_train_normal", args.n_train),
+                     ("n_train_anomalous", args.n_train), ("workers", args.workers)):
+        if val is not None:
+            changes[key] = val
+    if args.domains:
+        changes["domains"] = tuple(args.domains)
+    t0 = time.perf_counter()
+    try:
+        paths = build_benchmark(args.out, SynthConfig(**changes))
+    except (FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for d, p in paths.items():
+        print(f"{d}: {p / 'meta.json'}")
+    print(f"built in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _run_data_convert(args) -> int:
+    from pfl.datasets import convert
+
+    try:
+        print(convert(args.dataset, args.root, out=args.out))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pfl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_demo(sub)
     _add_pretrain(sub)
+    _add_data(sub)
     return parser
 
 

@@ -254,3 +254,13 @@ def test_ksdd2_balanced_choice_is_seeded(tmp_path):
     a = json.loads(convert("ksdd2", tmp_path).read_text())
     b = json.loads(convert("ksdd2", tmp_path).read_text())
     assert a == b
+
+
+def test_cli_data_convert(tmp_path, capsys):
+    from pfl.cli import main
+
+    build_folder(tmp_path)
+    assert main(["data", "convert", "folder", "--root", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "meta.json")
+    assert main(["data", "convert", "visa", "--root", str(tmp_path)]) == 2
+    assert "split_csv/1cls.csv is missing" in capsys.readouterr().err

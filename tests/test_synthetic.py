@@ -145,3 +145,13 @@ def test_ensure_benchmark_caches_by_config_and_spares_foreign_folders(tmp_path):
 def test_unknown_domain_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown domains"):
         build_benchmark(tmp_path, SynthConfig(domains=("space",)))
+
+
+def test_cli_data_synth(tmp_path, capsys):
+    from pfl.cli import main
+
+    rc = main(["data", "synth", "--out", str(tmp_path), "--size", "32", "--n-normal", "1",
+               "--n-anomalous", "1", "--domains", "medical", "--workers", "1"])
+    assert rc == 0 and "medical:" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "medical" / "meta.json").read_text())["test"]["retina"]
+    assert [r["anomaly"] for r in rows] == [0, 1]
