@@ -267,3 +267,29 @@ def collate(batch: list[dict]) -> dict:
         "specie_name": [b.get("specie_name", "") for b in batch],
         "path": [b["path"] for b in batch],
     }
+
+
+def meta_counts(root: str | os.PathLike) -> list[dict]:
+    """Rows ``{split, class, normal, anomalous}`` of ``root/meta.json`` (no image is read)."""
+    meta = load_meta(root)
+    rows = []
+    for split in ("train", "test"):
+        for cls, items in sorted(meta.get(split, {}).items()):
+            a = sum(int(s["anomaly"]) for s in items)
+            rows.append({"split": split, "class": cls, "normal": len(items) - a,
+                         "anomalous": a})
+    return rows
+
+
+def mask_areas(root: str | os.PathLike, split: str = "test") -> list[dict]:
+    """Rows ``{class, kind, area}`` for each anomalous sample with a mask: the defect's
+    fraction of the image (the mask's foreground share at its own resolution)."""
+    root = Path(root)
+    rows = []
+    for cls, items in sorted(load_meta(root).get(split, {}).items()):
+        for s in items:
+            if int(s["anomaly"]) and s.get("mask_path"):
+                m = _mask_array(_read_image(root / s["mask_path"]))
+                rows.append({"class": cls, "kind": s.get("specie_name", ""),
+                             "area": float((m > m.max() / 2).mean())})
+    return rows

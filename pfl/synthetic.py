@@ -153,9 +153,14 @@ def load_source(source: str) -> np.ndarray:
         if isinstance(arr, tuple):  # stereo pairs: the left view
             arr = arr[0]
     elif lib == "sklearn":
-        from sklearn.datasets import load_sample_image
+        # The JPEG that sklearn.datasets.load_sample_image(name) decodes, read directly:
+        # importing sklearn.datasets and decoding both sample images costs seconds.
+        import importlib.util
 
-        arr = load_sample_image(name)
+        spec = importlib.util.find_spec("sklearn")
+        path = Path(spec.submodule_search_locations[0]) / "datasets" / "images" / name
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"))
     else:
         raise ValueError(f"unknown source library in {source!r}")
     return np.asarray(to_pil_rgb(np.asarray(arr)))

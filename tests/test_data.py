@@ -207,3 +207,14 @@ def test_fingerprint_follows_file_content(tmp_path):
     img = Image.open(tmp_path / "alpha/0.png")
     img.resize((21, 21)).save(tmp_path / "alpha/0.png")
     assert AnomalyDataset(tmp_path).fingerprint()["files"] != a["files"]
+
+
+def test_meta_counts_and_mask_areas(tmp_path):
+    from pfl.data import mask_areas, meta_counts
+
+    make_root(tmp_path, n=2, size=20)
+    assert meta_counts(tmp_path) == [
+        {"split": "test", "class": "alpha", "normal": 2, "anomalous": 2},
+        {"split": "test", "class": "beta", "normal": 2, "anomalous": 2}]
+    areas = mask_areas(tmp_path)
+    assert len(areas) == 4 and all(r["area"] == 6 * 8 / 400 for r in areas)

@@ -155,3 +155,10 @@ def test_cli_data_synth(tmp_path, capsys):
     assert rc == 0 and "medical:" in capsys.readouterr().out
     rows = json.loads((tmp_path / "medical" / "meta.json").read_text())["test"]["retina"]
     assert [r["anomaly"] for r in rows] == [0, 1]
+
+
+def test_sklearn_sources_are_the_images_sklearn_loads():
+    from sklearn.datasets import load_sample_image
+
+    for name in ("flower.jpg", "china.jpg"):
+        assert np.array_equal(load_source(f"sklearn:{name}"), load_sample_image(name))
