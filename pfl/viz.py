@@ -167,3 +167,76 @@ def plot_anomaly_maps(
     axes[1, 0].set_ylabel("anomaly map", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+# --------------------------------------------------------------------------- CLIP features (01)
+
+
+def token_pca_rgb(tokens: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """Patch tokens (T, W) -> (gh, gw, 3) image: their first three principal components,
+    each min-max scaled to [0, 1] (scikit-learn PCA; the sign of a component is arbitrary).
+
+    >>> token_pca_rgb(np.random.default_rng(0).normal(size=(16, 8)), (4, 4)).shape
+    (4, 4, 3)
+    """
+    from sklearn.decomposition import PCA
+
+    comps = PCA(n_components=3, svd_solver="full").fit_transform(np.asarray(tokens, np.float64))
+    lo, hi = comps.min(0), comps.max(0)
+    rgb = (comps - lo) / np.where(hi > lo, hi - lo, 1.0)
+    return rgb.reshape(grid[0], grid[1], 3)
+
+
+def plot_token_pca(
+    images: Sequence[np.ndarray],
+    patches: np.ndarray,
+    grid: tuple[int, int],
+    layers: Sequence[int],
+    names: Sequence[str],
+    cell: float = 1.7,
+) -> plt.Figure:
+    """Rows: images; columns: the image, then the PCA-to-RGB of its patch tokens per layer.
+
+    patches: (N, L, T, W) as :class:`pfl.backbone.ImageFeatures` gives them.
+    """
+    n, n_layers = patches.shape[:2]
+    fig, axes = plt.subplots(n, n_layers + 1, figsize=(cell * (n_layers + 1), cell * n),
+                             squeeze=False)
+    for i in range(n):
+        axes[i, 0].imshow(np.clip(images[i], 0, 1))
+        axes[i, 0].set_ylabel(names[i], fontsize=8)
+        for k in range(n_layers):
+            axes[i, k + 1].imshow(token_pca_rgb(patches[i, k], grid), interpolation="nearest")
+            if i == 0:
+                axes[i, k + 1].set_title(f"block {layers[k]}", fontsize=8)
+    axes[0, 0].set_title("image", fontsize=8)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    return fig
+
+
+def plot_layer_maps(
+    image: np.ndarray, mask: np.ndarray, maps: np.ndarray, layers: Sequence[int],
+    cell: float = 1.9,
+) -> plt.Figure:
+    """One image with its ground-truth outline, then one map per tapped layer and their mean.
+
+    maps: (L, H, W) abnormal probabilities on a shared [0, 1] colour scale.
+    """
+    panels = [*maps, maps.mean(0)]
+    titles = [f"block {b}" for b in layers] + ["mean"]
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(cell * (len(panels) + 1), cell))
+    axes[0].imshow(np.clip(image, 0, 1))
+    if np.asarray(mask).any():
+        axes[0].contour(mask, levels=[0.5], colors="lime", linewidths=0.8)
+    axes[0].set_title("image + GT", fontsize=8)
+    for ax, m, t in zip(axes[1:], panels, titles):
+        im = ax.imshow(m, cmap="jet", vmin=0, vmax=1)
+        ax.set_title(t, fontsize=8)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.colorbar(im, ax=axes.tolist(), fraction=0.02)
+    return fig
