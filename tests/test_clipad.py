@@ -174,7 +174,6 @@ def test_map_is_affine_in_the_published_sum(tiny_backbone):
     assert float(surg.abs().max()) <= 1.0 + 1e-6
 
 
-@pytest.mark.slow
 def test_training_reduces_loss_and_state_round_trip(tiny_backbone):
     g = torch.Generator().manual_seed(0)
     m = CLIPAD(tiny_backbone, CLIPADConfig(**SP), generator=g)
