@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from pfl.backbone import Backbone
+from pfl.baselines import build
 from pfl.baselines.adaclip import (
     AdaCLIP,
     AdaCLIPConfig,
@@ -129,6 +130,10 @@ def test_contract_predict_and_state(tiny_backbone):
     g = torch.Generator().manual_seed(0)
     m = AdaCLIP(tiny_backbone, AdaCLIPConfig(hsf="official", k_clusters=3), g)
     assert isinstance(m, Method) and m.needs_images and m.name == "AdaCLIP"
+    assert isinstance(build("AdaCLIP", tiny_backbone, AdaCLIPConfig(k_clusters=3)), AdaCLIP)
+    groups = m.parameter_groups()
+    assert sorted(id(p) for ps in groups.values() for p in ps) == \
+        sorted(id(p) for p in m.trainable_parameters())
     batch = _batch(tiny_backbone)
     m.eval()
     pred = m.predict(batch, torch.Generator().manual_seed(1))

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from pfl.backbone import Backbone
+from pfl.baselines import build
 from pfl.baselines.anomalyclip import vv_attention
 from pfl.baselines.clipad import (
     CLIPAD,
@@ -129,6 +130,7 @@ def test_predict_contract_and_modes(tiny_backbone):
     g = torch.Generator().manual_seed(0)
     m = CLIPAD(tiny_backbone, CLIPADConfig(**SP), generator=g)
     assert isinstance(m, Method) and m.name == "CLIP-AD"
+    assert isinstance(build("CLIP-AD", tiny_backbone, CLIPADConfig(**SP)), CLIPAD)
     batch = _batch(tiny_backbone)
     m.train(True)
     assert not m.needs_images  # training reads cached features only

@@ -4,7 +4,7 @@ Each peer is a :class:`pfl.method.Method`: the same backbone, data, training loo
 (:func:`pfl.train.fit`) and evaluation serve all, so a comparison differs only in the method.
 
 >>> sorted(REGISTRY)
-['anomalyclip', 'aprilgan', 'winclip']
+['adaclip', 'anomalyclip', 'aprilgan', 'clipad', 'winclip']
 >>> REGISTRY["aprilgan"].name, CONFIGS["aprilgan"]().infer_prompts
 ('APRIL-GAN', 'pe')
 """
@@ -14,13 +14,16 @@ from __future__ import annotations
 import torch
 
 from pfl.backbone import Backbone
+from pfl.baselines.adaclip import AdaCLIP, AdaCLIPConfig
 from pfl.baselines.anomalyclip import AnomalyCLIP, AnomalyCLIPConfig
 from pfl.baselines.aprilgan import AprilGAN, AprilGANConfig
+from pfl.baselines.clipad import CLIPAD, CLIPADConfig
 from pfl.baselines.winclip import WinCLIP, WinCLIPConfig
 
-REGISTRY = {"winclip": WinCLIP, "aprilgan": AprilGAN, "anomalyclip": AnomalyCLIP}
-CONFIGS = {"winclip": WinCLIPConfig, "aprilgan": AprilGANConfig,
-           "anomalyclip": AnomalyCLIPConfig}
+REGISTRY = {"winclip": WinCLIP, "aprilgan": AprilGAN, "clipad": CLIPAD,
+            "anomalyclip": AnomalyCLIP, "adaclip": AdaCLIP}
+CONFIGS = {"winclip": WinCLIPConfig, "aprilgan": AprilGANConfig, "clipad": CLIPADConfig,
+           "anomalyclip": AnomalyCLIPConfig, "adaclip": AdaCLIPConfig}
 TRAINING_FREE = frozenset({"winclip"})  # peers evaluated without auxiliary training
 
 
@@ -33,4 +36,5 @@ def build(name: str, backbone: Backbone, cfg=None, generator: torch.Generator | 
 
 
 __all__ = ["REGISTRY", "CONFIGS", "TRAINING_FREE", "build", "WinCLIP", "WinCLIPConfig",
-           "AprilGAN", "AprilGANConfig", "AnomalyCLIP", "AnomalyCLIPConfig"]
+           "AprilGAN", "AprilGANConfig", "AnomalyCLIP", "AnomalyCLIPConfig", "CLIPAD",
+           "CLIPADConfig", "AdaCLIP", "AdaCLIPConfig"]

@@ -246,6 +246,14 @@ class AdaCLIP(nn.Module):
             if not name.startswith("backbone."):
                 yield p
 
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Learning-rate groups of :func:`pfl.train.build_optimizer` (``official``): the static
+        prompts as "prompts"; the prompt generators, adapters and global map as "rest"."""
+        prompts = list(self.static.parameters())
+        chosen = {id(p) for p in prompts}
+        return {"prompts": prompts,
+                "rest": [p for p in self.trainable_parameters() if id(p) not in chosen]}
+
     def trainable_state_dict(self) -> dict[str, Tensor]:
         return {k: v.detach().clone() for k, v in self.state_dict().items()
                 if not k.startswith("backbone.")}
