@@ -101,30 +101,29 @@ def plot_warped_grids(
     return fig
 
 
-def plot_sample_spread(samples: np.ndarray, title: str = "", cell: float = 3.2) -> plt.Figure:
-    """R samples ``(R, D)`` of one flow: PCA scatter (first two components) and their norms.
+def plot_sample_spread(sets: Mapping[str, np.ndarray], cell: float = 2.8) -> plt.Figure:
+    """Spread of R samples ``(R, D)`` per named set: PCA scatter and the norms ``||z_r||``.
 
-    PCA is scikit-learn's, fitted on the samples themselves.
+    One row per set; the PCA (scikit-learn) of each row is fitted on that row's samples.
     """
     from sklearn.decomposition import PCA
 
-    samples = np.asarray(samples, dtype=np.float64)
-    pca = PCA(n_components=2).fit(samples)
-    xy = pca.transform(samples)
-    fig, (a, b) = plt.subplots(1, 2, figsize=(2 * cell, cell))
-    a.scatter(xy[:, 0], xy[:, 1], s=25)
-    for r, (x, y) in enumerate(xy):
-        a.annotate(str(r), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ev = pca.explained_variance_ratio_
-    a.set_xlabel(f"PC1 ({ev[0]:.0%})")
-    a.set_ylabel(f"PC2 ({ev[1]:.0%})")
-    a.set_title("samples, PCA", fontsize=9)
-    b.bar(np.arange(len(samples)), np.linalg.norm(samples, axis=1))
-    b.set_xlabel("sample r")
-    b.set_ylabel("||z_r||")
-    b.set_title("norms", fontsize=9)
-    if title:
-        fig.suptitle(title, fontsize=10)
+    fig, axes = plt.subplots(len(sets), 2, figsize=(2.2 * cell, cell * len(sets)), squeeze=False)
+    for (name, samples), (a, b) in zip(sets.items(), axes):
+        samples = np.asarray(samples, dtype=np.float64)
+        pca = PCA(n_components=2).fit(samples)
+        xy = pca.transform(samples)
+        a.scatter(xy[:, 0], xy[:, 1], s=20)
+        for r, (x, y) in enumerate(xy):
+            a.annotate(str(r), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ev = pca.explained_variance_ratio_
+        a.set_xlabel(f"PC1 ({ev[0]:.0%})", fontsize=8)
+        a.set_ylabel(f"PC2 ({ev[1]:.0%})", fontsize=8)
+        a.set_title(f"{name}: PCA of the samples", fontsize=9)
+        b.bar(np.arange(len(samples)), np.linalg.norm(samples, axis=1))
+        b.set_xlabel("sample r", fontsize=8)
+        b.set_ylabel("||z_r||", fontsize=8)
+        b.set_title(f"{name}: norms", fontsize=9)
     fig.tight_layout()
     return fig
 
