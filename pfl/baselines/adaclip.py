@@ -331,7 +331,7 @@ class AdaCLIP(nn.Module):
             return self._encode_sentences(words, prompts)
         unique = sorted(set(words))
         feats = self._encode_sentences(unique, prompts[:, : len(unique)])
-        return feats[torch.tensor([unique.index(w) for w in words])]
+        return feats[torch.tensor([unique.index(w) for w in words], device=feats.device)]
 
     def tower_features(self, batch: Batch) -> tuple[ImageFeatures, Tensor]:
         """The prompted towers' outputs: :class:`ImageFeatures` and ``(N, 2, E)`` text.
@@ -344,7 +344,7 @@ class AdaCLIP(nn.Module):
                              "needs images (cached features cannot carry visual prompts)")
         frozen = batch.features(self.backbone).global_  # input of the dynamic prompts
         visual = self.prompts("V", frozen)
-        feats = (self.backbone.encode_image(batch.images) if visual is None
+        feats = (batch.features(self.backbone) if visual is None
                  else self.backbone.encode_image(batch.images, deep_prompts=visual))
         return feats, self.text_features(batch.cls_names, frozen)
 
