@@ -162,7 +162,7 @@ def test_training_reduces_loss_on_a_fixed_batch(tiny_backbone):
     m.train(True)
     g = torch.Generator().manual_seed(0)
     losses = []
-    for _ in range(6):
+    for _ in range(4):
         loss = m.training_step(batch, g)
         opt.zero_grad()
         loss.total.backward()
