@@ -163,9 +163,18 @@ class AnomalyCLIP(nn.Module):
             nn.init.normal_(p, std=cfg.init_std, generator=generator)
         self.dpam_from = cfg.dpam_from or min(backbone.layers)
 
+    @property
+    def needs_images(self) -> bool:
+        """DPAM reads pixels; the harness then serves ``Batch.images``."""
+        return self.cfg.dpam
+
     # --- the contract ------------------------------------------------------------------------
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         yield from (self.ctx, self.deep)
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Learning-rate groups of :func:`pfl.train.build_optimizer` (``official``)."""
+        return {"prompts": [self.ctx, self.deep]}
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
         return {"ctx": self.ctx.detach().clone(), "deep": self.deep.detach().clone()}

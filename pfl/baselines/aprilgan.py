@@ -134,6 +134,7 @@ class AprilGAN(nn.Module):
     """
 
     name = "APRIL-GAN"
+    needs_images = False  # reads cached features
 
     def __init__(self, backbone: Backbone, cfg: AprilGANConfig | None = None,
                  generator: torch.Generator | None = None):
@@ -155,6 +156,13 @@ class AprilGAN(nn.Module):
         yield from self.adapters.parameters()
         if self.cfg.learn_scale:
             yield self.log_scale
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Learning-rate groups of :func:`pfl.train.build_optimizer` (``official``)."""
+        groups = {"rest": list(self.adapters.parameters())}
+        if self.cfg.learn_scale:
+            groups["temperatures"] = [self.log_scale]
+        return groups
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
         return {k: v.detach().clone() for k, v in self.state_dict().items()

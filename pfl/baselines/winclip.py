@@ -251,6 +251,7 @@ class WinCLIP(nn.Module):
     """
 
     name = "WinCLIP"
+    needs_images = True  # the harness then serves Batch.images (pfl.features, pfl.evaluate)
 
     def __init__(self, backbone: Backbone, cfg: WinCLIPConfig | None = None,
                  generator: torch.Generator | None = None):

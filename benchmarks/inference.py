@@ -1,0 +1,360 @@
+"""Benchmark: per-image inference time and peak memory of every method, as appendix Table A.3.
+
+Every method (the peers of :data:`pfl.baselines.REGISTRY` and Bayes-PFL with B = 3, R = 10)
+runs on the same backbone, image size, batch and images, in this one process, from pixels to
+maps and scores (the image tower is part of every method's time; text features a method
+caches per class are warmed up first, as in a long evaluation). Time is the median over
+``--repeats`` runs of a batch, divided by the batch size; each method's time is also given as
+a ratio to APRIL-GAN's. Memory is the peak while the method runs: on CUDA
+``torch.cuda.max_memory_allocated`` (after ``reset_peak_memory_stats``); on CPU the process's
+resident set size, sampled every 0.5 ms by a thread (``/proc/self/statm``; freed heap is
+returned to the OS with glibc's ``malloc_trim`` before each method), so very short spikes can
+be missed. Both the total peak and the rise above the level before the call are
+printed.
+
+It also times a straightforward reference implementation of Bayes-PFL's inference, written
+here from the paper's equations: for every image, every Monte Carlo sample, every bank prompt
+and both states, one text-tower call on the full 77-token context; a Python loop over layers
+and prompt pairs, with per-head RCA attention and both logits upsampled before the softmax.
+``pfl``'s maps and scores must equal it to 1e-4 (the script exits with status 1 otherwise);
+the speed-up of pfl's batched, truncated single text pass is printed.
+
+Usage::
+
+    python benchmarks/inference.py                      # smoke: pfl-tiny at 224 px, CPU
+    python benchmarks/inference.py --profile paper-random --device cuda   # ViT-L-14-336, 518 px
+    python benchmarks/inference.py --results figures/07_results.csv --dataset target
+
+``paper-random`` builds ViT-L-14-336 at 518 px with a random init (timing does not need the
+weights; nothing is downloaded). Timings depend on the machine: compare ratios, not
+milliseconds. ``--results`` fills the metric columns from a :class:`pfl.results.Results` CSV
+(e.g. the one notebook 07 writes); without it they are left empty, because untrained methods
+on random images have no metrics worth printing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import math
+import os
+import resource
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pfl.backbone import Backbone, create_clip  # noqa: E402
+from pfl.baselines import REGISTRY, build  # noqa: E402
+from pfl.config import BackboneConfig, ModelConfig  # noqa: E402
+from pfl.method import Batch, Prediction  # noqa: E402
+from pfl.model import BayesPFL  # noqa: E402
+from pfl.prompts import class_words, template_text  # noqa: E402
+
+PROFILES = {
+    "smoke": BackboneConfig(model_name="pfl-tiny", image_size=224),
+    "paper-random": BackboneConfig(model_name="ViT-L-14-336", image_size=518,
+                                   layers=(6, 12, 18, 24)),
+}
+CLASS_NAMES = ("bottle", "metal_nut", "screw", "pcb1")  # cycled over the batch
+TOLERANCE = 1e-4
+METRIC_COLUMNS = (("image_auroc", "img AUROC"), ("image_ap", "img AP"),
+                  ("pixel_auroc", "px AUROC"), ("pixel_ap", "px AP"))
+
+
+# --- backbone ----------------------------------------------------------------------------------
+def make_backbone(profile: str, device: str) -> Backbone:
+    """The profile's tower; ``paper-random`` is built with a seeded random init, no weights."""
+    cfg = PROFILES[profile]
+    if profile == "smoke":
+        clip = create_clip(cfg)
+    else:
+        import open_clip
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.init_seed)
+            clip = open_clip.create_model(cfg.model_name, pretrained=None,
+                                          force_image_size=cfg.image_size)
+    return Backbone(clip, cfg.layers).to(device)
+
+
+# --- Bayes-PFL as a Method (its own predict when the model has one) ----------------------------
+class BayesPFLInference:
+    """``predict`` of Bayes-PFL: the model's own when it has one, else its forward pass."""
+
+    name = "Bayes-PFL"
+
+    def __init__(self, model: BayesPFL):
+        self.model, self.backbone = model, model.backbone
+
+    def predict(self, batch: Batch, generator: torch.Generator) -> Prediction:
+        if hasattr(self.model, "predict"):
+            return self.model.predict(batch, generator)
+        out = self.model.forward_features(batch.features(self.backbone), batch.cls_names,
+                                          generator=generator)
+        return Prediction(maps=out.anomaly_map, scores=out.score)
+
+
+# --- the straightforward reference --------------------------------------------------------------
+def text_full_context(backbone: Backbone, emb: torch.Tensor, eot: int) -> torch.Tensor:
+    """One prompt ``(77, D)`` through the whole text tower, all 77 positions -> ``(E,)``."""
+    clip = backbone.clip
+    x = (emb + clip.positional_embedding)[None]
+    x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask))[0, eot]
+    proj = clip.text_projection
+    x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+    return F.normalize(x, dim=-1)
+
+
+def rca_loop(model: BayesPFL, t: torch.Tensor, fs: torch.Tensor) -> torch.Tensor:
+    """RCA for one text feature ``(E,)`` on one layer's patches ``(T, E)``, head by head."""
+    rca = model.rca
+    q = rca.query(t)
+    e = t.shape[0]
+    d = e // rca.heads
+    heads = []
+    for h in range(rca.heads):
+        sl = slice(h * d, (h + 1) * d)
+        att = torch.softmax((fs[:, sl] @ q[sl]) * rca.scale, dim=0)  # over patches
+        heads.append(att @ fs[:, sl])
+    return F.normalize(torch.cat(heads) + t, dim=-1)
+
+
+def reference_bayes_pfl(model: BayesPFL, images: torch.Tensor, cls_names: list[str],
+                        seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bayes-PFL inference the straightforward way (module docstring): maps (N,S,S), scores."""
+    bb, cfg = model.backbone, model.cfg
+    B, R, P, Q = cfg.n_prompts, cfg.mc_test, cfg.n_ctx, cfg.n_state
+    D, S = bb.text_width, bb.image_size
+    gh, gw = bb.grid
+    maps, scores = [], []
+    with torch.no_grad():
+        for n in range(images.shape[0]):
+            feats = bb.encode_image(images[n:n + 1])
+            g, patches = feats.global_.float(), feats.patches[0].float()
+            ids = bb.tokenize([template_text(P, Q, class_words(cls_names[n]))])
+            eot = int(ids.argmax(-1))
+            emb0 = bb.token_embedding(ids.to(images.device))[0]
+            eps = torch.randn((3, R, D), generator=torch.Generator().manual_seed(seeds[n]))
+            eps = eps.to(images.device)
+            # One sample at a time: the ISD offset (context) and the two IAD offsets (states).
+            offsets = []
+            for r in range(R):
+                isd = model.isd(g, 1, eps=eps[0, r].view(1, 1, D)).z.view(D)
+                iad = [flow(model.iad_state[s:s + 1], 1, eps=eps[1 + s, r].view(1, 1, D)).z.view(D)
+                       for s, flow in enumerate((model.iad_normal, model.iad_abnormal))]
+                offsets.append((isd, iad))
+            pairs = []  # (normal, abnormal) text features, bank-major then sample
+            for b in range(B):
+                for isd, iad in offsets:
+                    pair = []
+                    for s, state in enumerate((model.bank.normal, model.bank.abnormal)):
+                        emb = emb0.clone()
+                        emb[1:1 + P] = model.bank.context[b] + isd
+                        emb[1 + P:1 + P + Q] = state[b] + iad[s]
+                        pair.append(text_full_context(bb, emb, eot))
+                    pairs.append(pair)
+            total = torch.zeros(S, S, device=images.device)
+            for layer in range(patches.shape[0]):
+                fs = F.normalize(patches[layer] @ model.proj.weight[layer].T, dim=-1)
+                for t_n, t_a in pairs:
+                    refined = torch.stack([rca_loop(model, t_n, fs), rca_loop(model, t_a, fs)])
+                    logits = model.tau_pix.exp() * (refined @ fs.T)  # (2, T)
+                    up = F.interpolate(logits.view(1, 2, gh, gw), size=(S, S), mode="bilinear",
+                                       align_corners=False)[0]
+                    total += up.softmax(0)[1]
+            maps.append(total / (patches.shape[0] * len(pairs)))
+            gn = F.normalize(g[0], dim=-1)
+            probs = []
+            for t_n, t_a in pairs:
+                phi = F.normalize(model.phi(torch.stack([t_n, t_a])), dim=-1)
+                probs.append((model.tau_img.exp() * (phi @ gn)).softmax(0)[1])
+            scores.append(torch.stack(probs).mean())
+    return torch.stack(maps), torch.stack(scores)
+
+
+# --- measuring ---------------------------------------------------------------------------------
+def _malloc_trim() -> None:
+    """Give freed heap pages back to the OS (glibc), so the RSS before a method is its floor."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakMemory:
+    """Peak memory (bytes) while the block runs: total, and rise above the level at entry."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak, self.start = device, math.nan, math.nan
+
+    @staticmethod
+    def _rss() -> float:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:  # not Linux: the process's lifetime peak (cannot be reset)
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
+
+    def __enter__(self):
+        gc.collect()
+        _malloc_trim()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        else:
+            self.start = self.peak = self._rss()
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.0005)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self._rss())
+        return False
+
+
+def run_once(method, images: torch.Tensor, cls_names: list[str], device: torch.device
+             ) -> tuple[float, Prediction]:
+    """Seconds for one batch, from pixels (a fresh Batch: nothing cached from a previous run)."""
+    batch = Batch(cls_names=cls_names, images=images)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        pred = method.predict(batch, torch.Generator().manual_seed(0))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0, pred
+
+
+def measure(method, images, cls_names, device, repeats: int) -> dict:
+    run_once(method, images, cls_names, device)  # warm-up: caches, allocator, kernels
+    times = []
+    with PeakMemory(device) as mem:
+        for _ in range(repeats):
+            times.append(run_once(method, images, cls_names, device)[0])
+    n = images.shape[0]
+    return {"ms": 1e3 * statistics.median(times) / n, "peak_mb": mem.peak / 2**20,
+            "rise_mb": (mem.peak - mem.start) / 2**20}
+
+
+def metric_cells(results_csv: str | None, dataset: str, method: str) -> list[str]:
+    if results_csv is None:
+        return ["" for _ in METRIC_COLUMNS]
+    from pfl.results import Results
+
+    frame = Results.from_csv(results_csv).frame
+    f = frame[(frame["dataset"] == dataset) & (frame["method"] == method)]
+    cells = []
+    for metric, _ in METRIC_COLUMNS:
+        values = f[f["metric"] == metric].groupby("seed")["value"].mean()
+        cells.append(f"{100 * values.mean():.1f}" if len(values) else "")
+    return cells
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="smoke")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=8, help="images per batch")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per method (median)")
+    parser.add_argument("--ref-batch", type=int, default=2,
+                        help="images the slow reference runs on (its time is per image too)")
+    parser.add_argument("--methods", nargs="*", default=None,
+                        help=f"peers to time (default all: {list(REGISTRY)})")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (1 gives steadier timings on a shared machine)")
+    parser.add_argument("--results", default=None, help="Results CSV for the metric columns")
+    parser.add_argument("--dataset", default="target", help="dataset of --results to report")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    bb = make_backbone(args.profile, args.device)
+    S = bb.image_size
+    gen = torch.Generator().manual_seed(args.seed)
+    images = torch.randn(args.batch, 3, S, S, generator=gen).to(device)
+    cls_names = [CLASS_NAMES[i % len(CLASS_NAMES)] for i in range(args.batch)]
+    model_cfg = ModelConfig()  # B = 3, R = 10 at inference
+    bayes = BayesPFL(bb, model_cfg, seed=args.seed).to(device).eval()
+
+    methods = {}
+    for name in args.methods if args.methods is not None else list(REGISTRY):  # paper order
+        m = build(name, bb, generator=torch.Generator().manual_seed(args.seed))
+        methods[m.name] = m.to(device).eval() if hasattr(m, "to") else m
+    methods["Bayes-PFL"] = BayesPFLInference(bayes)
+
+    print(f"profile {args.profile}: {bb.clip.visual.__class__.__name__} "
+          f"{len(bb.clip.visual.transformer.resblocks)} blocks x width {bb.vision_width}, "
+          f"{S} px, layers {bb.layers}; batch {args.batch}; device {device}"
+          + (f" ({torch.get_num_threads()} CPU threads)" if device.type == "cpu" else ""))
+    print(f"Bayes-PFL: B = {model_cfg.n_prompts}, R = {model_cfg.mc_test}, "
+          f"K = {model_cfg.flow_length}; time = median of {args.repeats} runs per batch / batch\n")
+
+    rows = {name: measure(m, images, cls_names, device, args.repeats)
+            for name, m in methods.items()}
+
+    # The straightforward reference: equality first (same seeds), then its time.
+    n_ref = min(args.ref_batch, args.batch)
+    seeds = list(range(1000, 1000 + n_ref))
+    with torch.no_grad():
+        fast = bayes.forward_features(bb.encode_image(images[:n_ref]), cls_names[:n_ref],
+                                      seeds=seeds)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    ref_maps, ref_scores = reference_bayes_pfl(bayes, images[:n_ref], cls_names[:n_ref], seeds)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    ref_ms = 1e3 * (time.perf_counter() - t0) / n_ref
+    map_err = float((fast.anomaly_map - ref_maps).abs().max())
+    score_err = float((fast.score - ref_scores).abs().max())
+
+    base = rows.get("APRIL-GAN", {}).get("ms")
+    head = ["method", *(c for _, c in METRIC_COLUMNS), "peak (MB)", "rise (MB)", "time (ms/img)",
+            "x APRIL-GAN"]
+    table = [head]
+    for name, r in rows.items():
+        ratio = f"{r['ms'] / base:.2f}" if base else ""
+        table.append([name, *metric_cells(args.results, args.dataset, name),
+                      f"{r['peak_mb']:.0f}", f"{r['rise_mb']:.0f}", f"{r['ms']:.1f}", ratio])
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    what = "GPU memory allocated" if device.type == "cuda" else "process RSS"
+    print(f"Table A.3-style ({what}; metrics: "
+          f"{'from ' + args.results + ', ' + args.dataset if args.results else 'not given'}):")
+    for row in table:
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                        for i, (c, w) in enumerate(zip(row, widths))))
+    print(f"\nBayes-PFL reference (per image x sample x prompt x state text calls on 77 tokens, "
+          f"Python loops over layers and pairs; {n_ref} images): {ref_ms:.1f} ms/img; pfl: "
+          f"{rows['Bayes-PFL']['ms']:.1f} ms/img; speed-up {ref_ms / rows['Bayes-PFL']['ms']:.1f}x")
+    ok = map_err <= TOLERANCE and score_err <= TOLERANCE
+    print(f"pfl vs reference: max |map diff| = {map_err:.2e}, max |score diff| = {score_err:.2e} "
+          f"(tolerance {TOLERANCE:.0e}): {'OK' if ok else 'MISMATCH'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
