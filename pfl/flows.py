@@ -82,10 +82,14 @@ def planar_step(
     """
     if invertible:
         u = invertible_u(u, w)
+    return _planar_core(z, u, w, b, (w * u).sum(-1))
+
+
+def _planar_core(z: Tensor, u: Tensor, w: Tensor, b: Tensor, wu: Tensor) -> tuple[Tensor, Tensor]:
     h = torch.tanh((w * z).sum(-1) + b)
     z_new = z + u * h.unsqueeze(-1)
-    u_psi = (1.0 - h * h) * (w * u).sum(-1)  # u^T psi without forming psi
-    return z_new, _safe_log_abs(1.0 + u_psi)
+    # u^T psi = (1 - h^2) w^T u: psi is never formed
+    return z_new, _safe_log_abs(1.0 + (1.0 - h * h) * wu)
 
 
 def planar_flow(
@@ -110,10 +114,13 @@ def planar_flow(
             f"planar_flow: u, w, b need the same number of steps K in dim 0, got "
             f"{tuple(u.shape)}, {tuple(w.shape)}, {tuple(b.shape)}"
         )
+    if invertible:
+        u = invertible_u(u, w)  # all K at once; the loop below is the same as planar_step's
+    wu = (w * u).sum(-1)
     z = z0
     total = z0.new_zeros(z0.shape[:-1])
     for k in range(u.shape[0]):
-        z, log_det = planar_step(z, u[k], w[k], b[k], invertible=invertible)
+        z, log_det = _planar_core(z, u[k], w[k], b[k], wu[k])
         total = total + log_det
     return z, total
 
