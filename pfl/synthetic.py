@@ -294,7 +294,7 @@ def build_benchmark(out: str | Path, cfg: SynthConfig | None = None) -> dict[str
     paths: dict[str, Path] = {}
     for d in cfg.domains:
         meta: dict[str, dict[str, list]] = {"train": {}, "test": {}}
-        for (_, dom, cat, _), ent in zip(jobs, results):
+        for (_, dom, cat, _), ent in zip(jobs, results, strict=True):
             if dom == d:
                 for split in meta:
                     if ent[split]:  # a class without a train split is left out of it
