@@ -61,6 +61,7 @@ from pfl.backbone import Backbone, ImageFeatures
 from pfl.config import ModelConfig, TrainConfig
 from pfl.flows import GaussianEncoder, PromptFlow
 from pfl.losses import LossTerms, bayes_pfl_loss
+from pfl.method import Batch, Prediction, StepLoss
 from pfl.prompts import PromptBank, build_skeleton
 
 TAU_INIT = math.log(1 / 0.07)  # REFERENCE.md "Maps, scores, losses": tau init log(1/0.07)
@@ -174,10 +175,14 @@ def _init_linear(module: nn.Module, generator: torch.Generator) -> None:
 class BayesPFL(nn.Module):
     """The Bayes-PFL model on a frozen :class:`pfl.backbone.Backbone` (see module docstring).
 
+    It meets :class:`pfl.method.Method` (``training_step``, ``predict``), so
+    :func:`pfl.train.fit` and :mod:`pfl.evaluate` run it like the peers.
+
     Args:
         backbone: the frozen CLIP (its parameters never train).
         cfg: sizes and switches (B, P, Q, K, R, flow type, ``official_compat``, ...).
         seed: seed of every random init of the new modules (the global RNG is untouched).
+        train_cfg: loss weights for :meth:`training_step` (default ``TrainConfig()``).
 
     Attributes (the new modules): ``proj`` (per-layer projections), ``bank``
     (:class:`pfl.prompts.PromptBank`), ``isd`` (amortised :class:`pfl.flows.PromptFlow`),
@@ -185,10 +190,14 @@ class BayesPFL(nn.Module):
     (``(2, E)`` free conditioning vectors), ``rca``, ``phi``, ``tau_pix``, ``tau_img``.
     """
 
-    def __init__(self, backbone: Backbone, cfg: ModelConfig | None = None, seed: int = 0):
+    name = "Bayes-PFL"
+
+    def __init__(self, backbone: Backbone, cfg: ModelConfig | None = None, seed: int = 0,
+                 train_cfg: TrainConfig | None = None):
         super().__init__()
         cfg = cfg or ModelConfig()
         self.cfg, self.backbone = cfg, backbone
+        self.train_cfg = train_cfg or TrainConfig()
         E, W, D = backbone.embed_dim, backbone.vision_width, backbone.text_width
         # Paper: hidden width C of f_mu/f_sigma; the authors' code: vision width / 2.
         hidden = cfg.mlp_hidden or (W // 2 if cfg.official_compat else E)
@@ -448,3 +457,30 @@ class BayesPFL(nn.Module):
             flow_losses=out.flow_losses, text_banks=banks, cfg=cfg,
             official_compat=self.cfg.official_compat,
         )
+
+    # --- the harness contract (pfl.method.Method) --------------------------------------------
+    def _batch_features(self, batch: Batch) -> ImageFeatures:
+        feats = batch.features(self.backbone)
+        dev = self.tau_pix.device
+        return ImageFeatures(global_=feats.global_.to(dev), patches=feats.patches.to(dev))
+
+    def training_step(self, batch: Batch, generator: torch.Generator) -> StepLoss:
+        """One training batch: bank index and per-image seeds from ``generator``; every term."""
+        if batch.masks is None or batch.labels is None:
+            raise ValueError("training_step needs a Batch with masks and labels")
+        out = self.forward_features(self._batch_features(batch), batch.cls_names,
+                                    generator=generator)
+        dev = out.layer_maps.device
+        terms = self.loss(out, batch.masks.to(dev), batch.labels.to(dev), self.train_cfg)
+        return StepLoss(terms.total, terms.as_dict())
+
+    def predict(self, batch: Batch, generator: torch.Generator) -> Prediction:
+        """Anomaly maps ``(N, S, S)`` and global scores ``(N,)`` (no gradients).
+
+        The per-image seeds are drawn from ``generator`` in image order, so with one generator
+        over a dataset each image's draws do not depend on the batch size.
+        """
+        with torch.no_grad():
+            out = self.forward_features(self._batch_features(batch), batch.cls_names,
+                                        generator=generator)
+        return Prediction(maps=out.anomaly_map, scores=out.score)

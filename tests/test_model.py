@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from pfl.config import ModelConfig, TrainConfig
+from pfl.method import Batch, Method
 from pfl.model import RCA, BayesPFL, mean_sigmoid_upsampled
 
 CFG = ModelConfig(n_prompts=3, n_ctx=5, n_state=5, flow_length=4, mc_train=1, mc_test=3)
@@ -273,3 +274,23 @@ def test_bad_input_is_named(model, images):
         _forward(model, images[:2], NAMES[:2], seeds=[0])
     with pytest.raises(ValueError, match="bank_index"):
         _forward(model, images[:1], NAMES[:1], seeds=[0], bank_index=3)
+
+
+def test_method_contract(tiny_backbone, images):
+    model = BayesPFL(tiny_backbone, CFG, seed=0)
+    assert isinstance(model, Method)
+    x, masks, labels = _batch(tiny_backbone, images)
+    feats = tiny_backbone.encode_image(x)
+    model.train()
+    step = model.training_step(Batch(list(NAMES), feats=feats, masks=masks, labels=labels),
+                               torch.Generator().manual_seed(0))
+    assert step.total.requires_grad and set(step.terms) >= {"total", "cls", "ort", "flow_isd"}
+    model.eval()
+    # one generator over the data: each image's draws do not depend on the batch size
+    whole = model.predict(Batch(list(NAMES), feats=feats), torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(1)
+    halves = [model.predict(Batch(NAMES[i:i + 2], feats=type(feats)(feats.global_[i:i + 2],
+                                                                    feats.patches[i:i + 2])), gen)
+              for i in (0, 2)]
+    assert whole.maps.shape == masks.shape and whole.scores.shape == (4,)
+    torch.testing.assert_close(torch.cat([h.maps for h in halves]), whole.maps, atol=1e-5, rtol=0)
