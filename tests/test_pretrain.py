@@ -1,0 +1,215 @@
+"""Tests of pfl.pretrain: the losses against references, the shipped record, leaks, resume."""
+
+import builtins
+import io
+import json
+import math
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pfl import pretrain as P
+from pfl.backbone import ASSETS, load_weights
+
+RECORD = ASSETS / "tiny_clip.json"
+WEIGHTS = ASSETS / "tiny_clip.safetensors"
+HISTORY = ASSETS / "tiny_clip_history.csv"
+shipped = pytest.mark.skipif(not RECORD.is_file(), reason="no shipped tiny CLIP record yet")
+
+
+def _unit(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(*shape, generator=g, dtype=torch.float64), dim=-1)
+
+
+# --- losses ---------------------------------------------------------------------------------
+def test_soft_clip_loss_is_clip_loss_when_captions_are_unique():
+    img, txt = _unit(6, 8), _unit(6, 8, seed=1)
+    scale = torch.tensor(math.log(1 / 0.07), dtype=torch.float64)
+    ours = P.soft_clip_loss(img, txt, torch.arange(6), scale)
+    ref = open_clip.loss.ClipLoss()(img, txt, scale.exp())
+    assert torch.allclose(ours, ref, atol=1e-12)
+
+
+def test_soft_clip_loss_counts_equal_captions_as_positives():
+    img, txt = _unit(5, 4), _unit(5, 4, seed=2)
+    labels = torch.tensor([0, 1, 0, 2, 1])
+    scale = torch.tensor(1.3, dtype=torch.float64)
+    logits = (scale.exp() * img @ txt.T).numpy()
+    ref = 0.0
+    for mat in (logits, logits.T):  # brute force, row by row
+        for i in range(5):
+            pos = [j for j in range(5) if labels[j] == labels[i]]
+            logp = mat[i] - np.log(np.exp(mat[i]).sum())
+            ref += -np.mean(logp[pos]) / 10
+    assert P.soft_clip_loss(img, txt, labels, scale).item() == pytest.approx(ref, abs=1e-12)
+
+
+def test_dense_loss_is_class_balanced_bce():
+    patches, tn, td = _unit(2, 6, 4), _unit(2, 4, seed=1), _unit(2, 4, seed=2)
+    frac = torch.tensor([[0, 0, 0.5, 1, 0, 0], [0.25, 0, 0, 0, 0, 0]], dtype=torch.float64)
+    scale = torch.tensor(2.0, dtype=torch.float64)
+    logit = scale.exp() * ((patches * td[:, None]).sum(-1) - (patches * tn[:, None]).sum(-1))
+    pos = F.binary_cross_entropy_with_logits(logit, torch.ones_like(frac), weight=frac,
+                                             reduction="sum") / frac.sum()
+    neg = F.binary_cross_entropy_with_logits(logit, torch.zeros_like(frac), weight=1 - frac,
+                                             reduction="sum") / (1 - frac).sum()
+    ours = P.dense_loss(patches, tn, td, frac, scale)
+    assert torch.allclose(ours, 0.5 * (pos + neg), atol=1e-12)
+
+
+def test_dense_term_pulls_defect_patches_to_the_defect_text():
+    """One gradient step on the tokens: inside the mask toward t_d, outside toward t_n."""
+    tn, td = _unit(1, 8, seed=3), _unit(1, 8, seed=4)
+    patches = _unit(1, 10, 8, seed=5).requires_grad_(True)
+    frac = torch.zeros(1, 10, dtype=torch.float64)
+    frac[0, :3] = 1.0
+    margin = lambda p: (F.normalize(p, dim=-1) @ (td - tn).T)[0, :, 0]  # noqa: E731
+    before = margin(patches).detach()
+    P.dense_loss(patches, tn, td, frac, torch.tensor(0.0, dtype=torch.float64)).backward()
+    after = margin(patches.detach() - 0.1 * patches.grad)
+    assert (after[:3] > before[:3]).all() and (after[3:] < before[3:]).all()
+
+
+def test_patch_fractions_match_a_loop():
+    g = torch.Generator().manual_seed(0)
+    m = (torch.rand(2, 28, 42, generator=g) > 0.7).float()
+    got = P.patch_fractions(m, 14)
+    ref = [[m[n, i:i + 14, j:j + 14].mean().item() for i in (0, 14) for j in (0, 14, 28)]
+           for n in range(2)]
+    assert torch.allclose(got, torch.tensor(ref), atol=1e-6)
+
+
+def test_learning_rate_warmup_then_cosine():
+    c = P.PretrainConfig(steps=200, warmup=10, lr=2.0, min_lr_ratio=0.1, final_steps=20)
+    assert P.learning_rate(c, 4) == pytest.approx(1.0)
+    assert P.learning_rate(c, 10) == pytest.approx(2.0)
+    assert P.learning_rate(c, 200) == pytest.approx(0.2)
+
+
+# --- data and leaks ---------------------------------------------------------------------------
+def test_batches_are_pairs_with_exact_masks():
+    cfg = P.PretrainConfig(batch=3, image_size=56, zoom=0.5)
+    b = P.make_batch(cfg, step=7)
+    imgs = b.images.numpy()
+    for k in range(3):
+        normal, defect, mask = imgs[2 * k], imgs[2 * k + 1], b.masks[2 * k + 1].bool().numpy()
+        assert b.masks[2 * k].sum() == 0 and mask.any()
+        # The defect changes pixels inside its mask only: the pair is one image.
+        assert np.array_equal(normal[:, ~mask], defect[:, ~mask])
+        # Captions differ in the state phrase alone.
+        assert b.patterns[2 * k] == b.patterns[2 * k + 1] and b.kinds[2 * k + 1] in P.KIND_STATES
+        # Captions differ in the state phrase alone: one template and one noun fill both.
+        pat, sn, sd = b.patterns[2 * k], b.states[2 * k], b.states[2 * k + 1]
+        nouns = [f"{pat} pattern", f"{pat} texture", pat, *P.GENERIC_NOUNS]
+        fits = [(t, x) for t in P.TEMPLATES for x in nouns
+                if t.format(sn.format(x)) == b.captions[2 * k]
+                and t.format(sd.format(x)) == b.captions[2 * k + 1]]
+        assert fits and sn in P.NORMAL_STATES and sd not in P.NORMAL_STATES
+    again = P.make_batch(cfg, step=7)
+    assert torch.equal(again.images, b.images) and again.captions == b.captions
+
+
+def test_no_category_word_of_the_photo_domains_in_the_caption_vocabulary():
+    from pfl.synthetic import DOMAINS
+
+    vocab = P.caption_vocabulary()
+    words = {w for d in ("aux", "target", "medical") for c in DOMAINS[d]
+             for w in c.name.lower().replace("_", " ").split()}
+    clash = {(v, w) for v in vocab for w in words if v == w or v.startswith(w) or
+             w.startswith(v) and len(v) >= 4}
+    assert not clash, clash
+    # ... and the vocabulary is really all that captions hold (checked on drawn batches).
+    cfg = P.PretrainConfig(batch=8, image_size=28, zoom=0.0)
+    for step in range(3):
+        for cap in P.make_batch(cfg, step).captions:
+            assert set(cap.replace(".", " ").split()) <= vocab, cap
+
+
+def test_pretraining_data_reads_no_file(monkeypatch):
+    """No image of another domain can enter: drawing batches opens no file at all."""
+    def refuse(*a, **k):
+        raise AssertionError(f"pretraining data opened a file: {a}")
+
+    monkeypatch.setattr(builtins, "open", refuse)
+    monkeypatch.setattr(io, "open", refuse)
+    monkeypatch.setattr(Image, "open", refuse)
+    monkeypatch.setattr(np, "load", refuse)
+    P.make_batch(P.PretrainConfig(batch=4, image_size=28), step=0)
+
+
+def test_pretrain_module_imports_nothing_of_the_photo_domains():
+    code = ("import sys, pfl.pretrain; print(sorted(m for m in sys.modules if m.split('.')[0] "
+            "in ('skimage', 'sklearn') or m in ('pfl.synthetic', 'pfl.data', 'pfl.datasets')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=Path(P.__file__).parents[1])
+    assert out.stdout.strip() == "[]"
+
+
+# --- the loop ---------------------------------------------------------------------------------
+TINY = dict(steps=4, batch=2, image_size=28, final_size=42, final_steps=2, final_batch=1,
+            warmup=2, checkpoint_every=1, zoom=0.5)
+
+
+@pytest.mark.slow
+def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path):
+    cfg = P.PretrainConfig(**TINY)
+    full = P.pretrain(cfg, tmp_path / "a", progress=False)
+    P.pretrain(cfg, tmp_path / "b", stop_after=1, progress=False)
+    P.pretrain(cfg, tmp_path / "b", stop_after=3, progress=False, workers=1)  # across phases
+    resumed = P.pretrain(cfg, tmp_path / "b", progress=False)
+    assert resumed == full
+    assert P.sha256(tmp_path / "a/tiny_clip.safetensors") == \
+        P.sha256(tmp_path / "b/tiny_clip.safetensors")
+    with pytest.raises(ValueError, match="another config"):
+        P.pretrain(P.PretrainConfig(**{**TINY, "lr": 0.5}), tmp_path / "a", progress=False)
+
+
+# --- the shipped weights ----------------------------------------------------------------------
+@shipped
+def test_shipped_weights_match_their_record_and_load():
+    record = json.loads(RECORD.read_text())
+    assert P.sha256(WEIGHTS) == record["sha256"]
+    clip = P.init_clip("pfl-tiny", 224, init_seed=1)
+    load_weights(clip, WEIGHTS)  # raises if the file does not fit the model
+    history = P.read_history_csv(HISTORY)
+    assert len(history) == record["steps"] == record["config"]["steps"]
+    assert [h["loss"] for h in history[:5]] == record["first_losses"]
+    assert history[-1]["loss"] == record["final_loss"]
+
+
+@shipped
+def test_record_command_parses_to_the_record_config():
+    from pfl.cli import build_parser
+
+    record = json.loads(RECORD.read_text())
+    argv = shlex.split(record["command"])[3:]  # drop "python -m pfl"
+    args = build_parser().parse_args(argv)
+    changes = {k: (None if v == "none" else tuple(v) if isinstance(v, list) else v)
+               for k, v in vars(args).items()
+               if k in P.PretrainConfig.__dataclass_fields__ and v is not None}
+    assert P.PretrainConfig(**changes) == P.PretrainConfig.from_dict(record["config"])
+
+
+@shipped
+@pytest.mark.slow
+def test_record_first_losses_reproduce(tmp_path):
+    """The record's config, replayed for 2 steps, gives the recorded losses.
+
+    Note: exact float equality holds on the machine type that made the record (x86-64 CPU,
+    torch's thread count from the record); other CPUs or BLAS builds may differ in the last
+    digits, hence the 1e-6 tolerance, which a changed recipe would exceed by far.
+    """
+    record = json.loads(RECORD.read_text())
+    cfg = P.PretrainConfig.from_dict(record["config"])
+    history = P.pretrain(cfg, tmp_path, stop_after=2, progress=False)
+    got = [h["loss"] for h in history]
+    assert got == pytest.approx(record["first_losses"][:2], abs=1e-6)
