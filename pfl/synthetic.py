@@ -30,6 +30,7 @@ Builds are deterministic for a seed (byte-identical PNGs; every draw comes from 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import io
 import json
@@ -320,6 +321,15 @@ def ensure_benchmark(root: str | Path, cfg: SynthConfig | None = None) -> dict[s
     """
     cfg = cfg or SynthConfig()
     root = Path(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    # Notebooks and tests may ask for the same tree at once (two pytest workers): one builds,
+    # the other waits on the lock and then finds the stamp.
+    with open(root.parent / f".{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _ensure_unlocked(root, cfg)
+
+
+def _ensure_unlocked(root: Path, cfg: SynthConfig) -> dict[str, Path]:
     stamp = root / STAMP
     if stamp.exists():
         old = json.loads(stamp.read_text())
