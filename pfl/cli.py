@@ -147,12 +147,142 @@ def _run_data_convert(args) -> int:
     return 0
 
 
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a method on the active profile's auxiliary dataset")
+    p.add_argument("--out", default="runs/train", help="run folder: checkpoint, config, history")
+    p.add_argument("--method", default="bayes-pfl", help="bayes-pfl (default) or a peer name")
+    p.add_argument("--epochs", type=int, default=None, help="override TrainConfig.epochs")
+    p.add_argument("--seed", type=int, default=None, help="override TrainConfig.seed")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress bars")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args) -> int:
+    from pfl.config import active
+    from pfl.train import train_profile
+
+    profile = active()
+    changes = {k: v for k, v in (("epochs", args.epochs), ("seed", args.seed)) if v is not None}
+    if changes:
+        profile = profile.replace(train=changes)
+    _, history = train_profile(profile, args.out, method=args.method, progress=args.progress)
+    loss = history.epochs[-1]["train_loss"] if history.epochs else float("nan")
+    print(f"trained {args.method} on {profile.data.aux} ({profile.name} profile), "
+          f"{len(history.epochs)} epochs, last train loss {loss:.4f}")
+    print(f"checkpoint: {args.out}/checkpoint.safetensors (history: {args.out}/epochs.csv)")
+    return 0
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="zero-shot evaluation of a trained run on its targets")
+    p.add_argument("--checkpoint", required=True, help="run folder written by `pfl train`")
+    p.add_argument("--out", default=None, help="folder for tables and figures "
+                   "(default: <checkpoint>/eval)")
+    p.add_argument("--datasets", nargs="+", default=None,
+                   help="dataset folders under the run profile's data root (default: its targets)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args) -> int:
+    from pfl.evaluate import evaluate_run, summary_frame
+
+    out = args.out or f"{args.checkpoint}/eval"
+    results, _ = evaluate_run(args.checkpoint, out, datasets=args.datasets,
+                              progress=args.progress)
+    print((100 * summary_frame(results)).round(1).to_string())
+    print(f"tables: {out}/tables, figures: {out}/figures, all values: {out}/results.csv")
+    return 0
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="anomaly maps and scores for your own images")
+    p.add_argument("--checkpoint", required=True, help="run folder written by `pfl train`")
+    p.add_argument("--images", nargs="+", required=True, help="image files and/or folders")
+    p.add_argument("--out", required=True, help="folder for overlays and scores.csv")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="image score at or above which an image is called anomalous")
+    p.add_argument("--class-name", default="object",
+                   help="what the images show, e.g. 'bottle' (the prompts are class-aware)")
+    p.set_defaults(func=_run_predict)
+
+
+def _run_predict(args) -> int:
+    from pfl.predict import predict_checkpoint
+
+    try:
+        table = predict_checkpoint(args.checkpoint, args.images, args.out,
+                                   class_name=args.class_name, threshold=args.threshold)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    n_bad = int((table["anomalous"] == "yes").sum())
+    print(f"{len(table)} images, {n_bad} at or above threshold {args.threshold}")
+    print(f"scores: {args.out}/scores.csv, overlays: {args.out}/*_overlay.png")
+    return 0
+
+
+def _add_figures(sub) -> None:
+    p = sub.add_parser("figures", help="re-execute the notebooks in order; rewrites figures/")
+    p.add_argument("--profile", choices=("smoke", "paper"), default=None,
+                   help="profile of the kernels (default: $PFL_PROFILE, else smoke)")
+    p.add_argument("--only", nargs="+", default=None,
+                   help="notebook numbers or names to run (default: all, in order)")
+    p.add_argument("--clean", action="store_true",
+                   help="remove every PNG/CSV of figures/ first (rebuild from a clean state)")
+    p.add_argument("--save", action="store_true",
+                   help="write the executed notebooks back (smoke profile only)")
+    p.add_argument("--timeout", type=int, default=900, help="seconds per cell")
+    p.add_argument("--notebooks", default=None, help="notebook folder (default notebooks/)")
+    p.add_argument("--figures", default=None, help="figure folder (default figures/)")
+    p.add_argument("--list", action="store_true",
+                   help="print which notebook cell writes each figure, run nothing")
+    p.add_argument("--dry-run", action="store_true", help="print the notebooks in order only")
+    p.set_defaults(func=_run_figures)
+
+
+def _run_figures(args) -> int:
+    import hashlib
+
+    from pfl import figures
+
+    nb_dir, fig_dir = figures.default_dirs()
+    nb_dir = args.notebooks or nb_dir
+    fig_dir = args.figures or fig_dir
+    try:
+        if args.list:
+            for row in figures.figure_sources(nb_dir):
+                print(f"{row['file']:32s} {row['notebook']} code cell {row['cell']}: "
+                      f"{row['section']}")
+            return 0
+        paths = figures.numbered_notebooks(nb_dir, args.only)
+        if args.dry_run:
+            for p in paths:
+                print(p.name)
+            return 0
+        runs = figures.regenerate(nb_dir, fig_dir, profile=args.profile, only=args.only,
+                                  clean_first=args.clean, save=args.save, timeout=args.timeout)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    sums = figures.digests(fig_dir)
+    combined = hashlib.sha256("".join(f"{k}:{v}\n" for k, v in sums.items()).encode())
+    print(f"{len(runs)} notebooks in {sum(r.seconds for r in runs):.0f} s; {len(sums)} files "
+          f"in {fig_dir}, combined sha256 {combined.hexdigest()[:16]}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pfl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_demo(sub)
     _add_pretrain(sub)
     _add_data(sub)
+    _add_train(sub)
+    _add_evaluate(sub)
+    _add_predict(sub)
+    _add_figures(sub)
     return parser
 
 

@@ -96,6 +96,7 @@ class DataConfig:
     synthetic: bool = True  # build the offline benchmark when root is missing
     aux_split: str = "test"  # split of the aux dataset to train on (the authors: VisA's test)
     feature_cache: str = "auto"  # frozen-tower features: "auto" | "disk" | "memory" | "none"
+    synth_images: int = 40  # synthetic benchmark: normal and anomalous images per class and split
 
 
 @dataclass

@@ -54,6 +54,19 @@ def scaled_topk(topk: int, image_size: int) -> int:
     return max(1, round(topk * (image_size / REFERENCE_SIZE) ** 2))
 
 
+def safe_name(text: str) -> str:
+    """A file-name stem: letters, digits, ``-`` and ``_`` only (no dots: ``Path.with_suffix``).
+
+    >>> safe_name("medical_Bayes-PFL (untrained)"), safe_name("mvtec_tableA.4")
+    ('medical_Bayes-PFL_untrained', 'mvtec_tableA4')
+    """
+    out = "".join(ch if ch.isalnum() or ch in "-_" else ("" if ch == "." else "_")
+                  for ch in text)
+    while "__" in out:
+        out = out.replace("__", "_")
+    return out.strip("_")
+
+
 def smooth_maps(maps: np.ndarray | torch.Tensor, sigma: float) -> np.ndarray:
     """Gaussian blur of each map ``(N, H, W)`` with ``sigma`` pixels (scipy, 'reflect' edges,
     truncated at 4 sigma), as float32; ``sigma <= 0`` returns the maps unchanged."""
@@ -123,7 +136,7 @@ def predict_store(method: Method, store: FeatureStore, cfg: EvalConfig | None = 
         train_mode(False)
     gen = torch.Generator().manual_seed(cfg.seed)
     sigma = scaled_sigma(cfg.sigma, store.image_size)
-    maps, scores = [], []
+    maps, scores, masks, labels, names, paths = [], [], [], [], [], []
     bar = tqdm(total=len(store), desc=desc, unit="img", disable=not progress_enabled(progress))
     needs_images = bool(getattr(method, "needs_images", False))
     with torch.no_grad():
@@ -135,12 +148,16 @@ def predict_store(method: Method, store: FeatureStore, cfg: EvalConfig | None = 
                                  "the input size")
             maps.append(smooth_maps(pred.maps, sigma))
             scores.append(pred.scores.detach().float().cpu().numpy())
+            masks.append(batch.masks.to(torch.uint8).numpy())
+            labels.append(batch.labels.numpy())
+            names += batch.cls_names
+            paths += batch.paths
             bar.update(len(batch))
     bar.close()
     return PredictionSet(
         maps=np.concatenate(maps), scores=np.concatenate(scores).astype(np.float64),
-        masks=store.masks.numpy(), labels=store.labels.numpy(), cls_names=list(store.cls_names),
-        paths=list(store.paths), has_mask=store.has_mask,
+        masks=np.concatenate(masks), labels=np.concatenate(labels), cls_names=names,
+        paths=paths, has_mask=store.has_mask,
     )
 
 
@@ -236,8 +253,8 @@ def qualitative_figures(store: FeatureStore, pred: PredictionSet, figures_dir: s
             "map_max": [float(pred.maps[i].max()) for i in rows],
             "defect_pixels": [int(pred.masks[i].sum()) for i in rows],
         })
-        safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in f"{name}_{c}")
-        out.append(save_figure(fig, Path(figures_dir) / f"{prefix}{safe}.png", csv=csv, dpi=80))
+        out.append(save_figure(fig, Path(figures_dir) / f"{prefix}{safe_name(f'{name}_{c}')}.png",
+                               csv=csv, dpi=80))
         plt.close(fig)
     return out
 
@@ -282,12 +299,12 @@ def write_tables(results: Results, out_dir: str | Path) -> list[Path]:
     frame = results.frame
     for dataset in dict.fromkeys(frame["dataset"]):
         for method in dict.fromkeys(frame.loc[frame["dataset"] == dataset, "method"]):
-            stem = out / "tables" / (f"{dataset}" if frame["method"].nunique() == 1
-                                     else f"{dataset}_{method}")
+            name = dataset if frame["method"].nunique() == 1 else f"{dataset}_{method}"
+            stem = out / "tables" / safe_name(name)
             written += results.metrics_table(method, dataset).save(stem)
         for number in PAPER_TABLES:
             written += results.paper_table(number, dataset).save(
-                out / "tables" / f"{dataset}_table{number.replace('.', '')}", bold_best=True)
+                out / "tables" / safe_name(f"{dataset}_table{number}"), bold_best=True)
     return written
 
 
@@ -305,3 +322,28 @@ def summary_frame(results: Results, metrics: Sequence[str] | None = None) -> pd.
     out.index = pd.MultiIndex.from_tuples(out.index, names=["method", "dataset"])
     return out
 
+
+
+def evaluate_profile(method: Method, profile, out_dir: str | Path | None = None, *,
+                     datasets: Sequence[str] | None = None, method_name: str | None = None,
+                     results: Results | None = None, seed: int = 0, figures: bool = True,
+                     progress: bool | None = None) -> tuple[Results, dict[str, EvalResult]]:
+    """:func:`evaluate_all` on the test splits of the profile's target datasets
+    (``profile.data.targets`` unless ``datasets`` names others under its data root)."""
+    from pfl.features import profile_store
+
+    names = list(datasets or profile.data.targets)
+    stores = {n: profile_store(profile, method.backbone, n, "test", progress=progress)
+              for n in names}
+    return evaluate_all(method, stores, profile.eval, out_dir=out_dir, method_name=method_name,
+                        results=results, seed=seed, figures=figures, progress=progress)
+
+
+def evaluate_run(checkpoint: str | Path, out_dir: str | Path, *,
+                 datasets: Sequence[str] | None = None, progress: bool | None = None
+                 ) -> tuple[Results, dict[str, EvalResult]]:
+    """Rebuild a training run (:func:`pfl.train.load_run`) and evaluate it zero-shot."""
+    from pfl.train import load_run
+
+    method, profile = load_run(checkpoint)
+    return evaluate_profile(method, profile, out_dir, datasets=datasets, progress=progress)

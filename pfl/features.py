@@ -116,6 +116,32 @@ def cache_key(backbone: Backbone, dataset, storage_dtype: torch.dtype) -> str:
     ]
 
 
+def select_rows(cls_names: Sequence[str], labels: Sequence[int],
+                classes: Sequence[str] | None = None, per_class: int | None = None,
+                exclude: Sequence[str] = ()) -> list[int]:
+    """Rows of the samples of ``classes`` (default all) minus ``exclude``, at most
+    ``per_class`` normal and ``per_class`` anomalous ones per category, in order.
+
+    >>> select_rows(["a", "a", "a", "b"], [0, 1, 0, 1], per_class=1, exclude=["b"])
+    [0, 1]
+    """
+    present = sorted(set(cls_names))
+    keep = set(present if classes is None else classes) - set(exclude)
+    unknown = keep - set(present)
+    if unknown:
+        raise ValueError(f"categories {sorted(unknown)} are not in this store (it has {present})")
+    counts: dict[tuple[str, int], int] = {}
+    rows = []
+    for i, (c, y) in enumerate(zip(cls_names, labels)):
+        if c not in keep:
+            continue
+        k = counts.get((c, int(y)), 0)
+        if per_class is None or k < per_class:
+            rows.append(i)
+            counts[(c, int(y))] = k + 1
+    return rows
+
+
 @dataclass
 class FeatureStore:
     """The frozen tower's output for every sample of one dataset split, with its ground truth.
@@ -178,21 +204,8 @@ class FeatureStore:
                exclude: Sequence[str] = ()) -> FeatureStore:
         """Samples of ``classes`` (default all) minus ``exclude``; at most ``per_class`` normal
         and ``per_class`` anomalous images per category (the first ones, in store order)."""
-        keep = set(self.classes if classes is None else classes) - set(exclude)
-        unknown = keep - set(self.classes)
-        if unknown:
-            raise ValueError(f"categories {sorted(unknown)} are not in this store "
-                             f"(it has {self.classes})")
-        counts: dict[tuple[str, int], int] = {}
-        rows = []
-        for i, (c, y) in enumerate(zip(self.cls_names, self.labels.tolist())):
-            if c not in keep:
-                continue
-            k = counts.get((c, y), 0)
-            if per_class is None or k < per_class:
-                rows.append(i)
-                counts[(c, y)] = k + 1
-        return self.select(rows)
+        return self.select(select_rows(self.cls_names, self.labels.tolist(), classes,
+                                       per_class, exclude))
 
     def batches(self, batch_size: int, *, shuffle: bool = False,
                 generator: torch.Generator | None = None, with_images: bool = False,
@@ -360,3 +373,103 @@ def extract(backbone: Backbone, dataset, *, cache: str = "disk",
 def clear_memory_cache() -> None:
     """Forget every store kept in memory by :func:`extract`."""
     _MEMORY.clear()
+
+
+class StreamingStore:
+    """The :class:`FeatureStore` interface without a cache: each batch's images are read and
+    encoded when it is served (for towers whose features do not fit in memory or on disk,
+    e.g. ViT-L at 518 px). Class names and labels come from ``dataset.samples``."""
+
+    def __init__(self, backbone: Backbone, dataset, rows: Sequence[int] | None = None):
+        self.backbone, self.dataset = backbone, dataset
+        self.indices = list(range(len(dataset))) if rows is None else list(rows)
+        samples = dataset.samples
+        self.cls_names = [samples[i]["cls_name"] for i in self.indices]
+        self.labels = torch.tensor([int(samples[i]["anomaly"]) for i in self.indices])
+        self.paths = [str(Path(dataset.root) / samples[i]["img_path"]) for i in self.indices]
+        self.has_mask = bool(getattr(dataset, "pixel_labels", True))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def classes(self) -> list[str]:
+        return sorted(set(self.cls_names))
+
+    @property
+    def image_size(self) -> int:
+        return int(self.backbone.image_size)
+
+    def subset(self, classes: Sequence[str] | None = None, per_class: int | None = None,
+               exclude: Sequence[str] = ()) -> StreamingStore:
+        rows = select_rows(self.cls_names, self.labels.tolist(), classes, per_class, exclude)
+        return StreamingStore(self.backbone, self.dataset, [self.indices[r] for r in rows])
+
+    def batches(self, batch_size: int, *, shuffle: bool = False,
+                generator: torch.Generator | None = None, with_images: bool = False,
+                dtype: torch.dtype = torch.float32) -> Iterator[Batch]:
+        n = len(self)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        for start in range(0, n, batch_size):
+            rows = order[start:start + batch_size].tolist()
+            b = _stack_samples([self.dataset[self.indices[i]] for i in rows],
+                               self.backbone.image_size)
+            f = self.backbone.encode_image(b["image"])
+            yield Batch(cls_names=b["cls_name"], images=b["image"] if with_images else None,
+                        feats=ImageFeatures(f.global_.to(dtype), f.patches.to(dtype)),
+                        masks=(b["mask"] > 0.5).to(dtype), labels=b["label"], paths=b["path"])
+
+
+# --------------------------------------------------------------------------- profiles
+
+AUTO_CACHE_LIMIT = 2 * 2**30  # "auto": cache on disk below 2 GiB of features, else stream
+
+
+def data_root(root: str | Path) -> Path:
+    """A data root: absolute as given; relative to the checkout (where ``data/`` lives) when
+    running from one, else to the current folder."""
+    from pfl.config import repo_root
+
+    root = Path(root).expanduser()
+    if root.is_absolute():
+        return root
+    base = repo_root() if (repo_root() / "pyproject.toml").is_file() else Path.cwd()
+    return base / root
+
+
+def profile_dataset(profile, name: str, split: str = "test", classes=None):
+    """The :class:`pfl.data.AnomalyDataset` of dataset ``name`` (a folder under the profile's
+    data root), building the synthetic benchmark first when the profile says so."""
+    from pfl.data import AnomalyDataset
+
+    root = data_root(profile.data.root)
+    if profile.data.synthetic:
+        from pfl.synthetic import SynthConfig, ensure_benchmark
+
+        n = profile.data.synth_images
+        ensure_benchmark(root, SynthConfig(image_size=profile.backbone.image_size,
+                                           n_train_normal=n, n_train_anomalous=n,
+                                           n_test_normal=n, n_test_anomalous=n))
+    return AnomalyDataset(root / name, split, classes=classes,
+                          image_size=profile.backbone.image_size)
+
+
+def resolve_cache(mode: str, backbone: Backbone, n_images: int) -> str:
+    """``"auto"`` -> ``"disk"`` when the fp16 features of ``n_images`` fit
+    :data:`AUTO_CACHE_LIMIT` (the tiny tower), else ``"none"`` (ViT-L at 518 px: 11 MB each)."""
+    if mode != "auto":
+        return mode
+    gh, gw = backbone.grid
+    size = n_images * len(backbone.layers) * gh * gw * backbone.vision_width * 2
+    return "disk" if size <= AUTO_CACHE_LIMIT else "none"
+
+
+def profile_store(profile, backbone: Backbone, name: str, split: str = "test", *,
+                  classes=None, progress: bool | None = None) -> FeatureStore | StreamingStore:
+    """Features of one split of dataset ``name`` under the profile's data root, cached per
+    ``profile.data.feature_cache`` (``"none"``: a :class:`StreamingStore`)."""
+    ds = profile_dataset(profile, name, split, classes)
+    cache = resolve_cache(profile.data.feature_cache, backbone, len(ds))
+    if cache == "none":
+        return StreamingStore(backbone, ds)
+    return extract(backbone, ds, cache=cache, progress=progress, desc=f"{name}/{split}")

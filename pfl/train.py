@@ -428,31 +428,27 @@ def read_run_config(path: str | Path) -> dict:
     return json.loads(cfg_path.read_text())
 
 
-def build_method(name: str, profile: Profile, backbone=None) -> Method:
-    """A fresh method by name on ``profile`` (Bayes-PFL, or a peer from ``pfl.baselines``)."""
+def build_method(name: str, profile: Profile, backbone=None, model_cfg: Mapping | None = None
+                 ) -> Method:
+    """A fresh method by name on ``profile``: Bayes-PFL (``profile.model``), or a peer of
+    :mod:`pfl.baselines` (its config from ``model_cfg``, e.g. a run's ``config.json``)."""
     from pfl.backbone import load_backbone
 
     backbone = backbone if backbone is not None else load_backbone(profile.backbone)
-    if name in ("bayes-pfl", "bayes_pfl", "BayesPFL"):
+    if name.lower().replace("_", "-") in ("bayes-pfl", "bayespfl"):
+        import inspect
+
         from pfl.model import BayesPFL
 
         kwargs = {}
-        try:
-            import inspect
-
-            if "train_cfg" in inspect.signature(BayesPFL).parameters:
-                kwargs["train_cfg"] = profile.train
-        except (TypeError, ValueError):
-            pass
+        if "train_cfg" in inspect.signature(BayesPFL).parameters:
+            kwargs["train_cfg"] = profile.train
         return BayesPFL(backbone, profile.model, seed=profile.train.seed, **kwargs)
-    try:
-        from pfl import baselines
-    except ImportError as err:  # pragma: no cover - baselines ship with pfl
-        raise ValueError(f"unknown method {name!r}") from err
-    builder = getattr(baselines, "build", None)
-    if builder is None:
-        raise ValueError(f"unknown method {name!r}: only 'bayes-pfl' is known here")
-    return builder(name, profile, backbone)
+    from pfl import baselines
+
+    key = name.lower().replace("-", "").replace("_", "")
+    cfg = baselines.CONFIGS[key](**model_cfg) if (model_cfg and key in baselines.CONFIGS) else None
+    return baselines.build(name, backbone, cfg)
 
 
 def load_run(path: str | Path, backbone=None) -> tuple[Method, Profile]:
@@ -462,8 +458,29 @@ def load_run(path: str | Path, backbone=None) -> tuple[Method, Profile]:
         raise ValueError(f"{path} was trained without a profile in config.json; rebuild the "
                          "method yourself and call pfl.train.load_checkpoint")
     profile = Profile.from_dict(run["profile"])
-    method = build_method(run["method"], profile, backbone)
+    model_cfg = None if run["method"].lower().startswith("bayes") else run.get("model")
+    method = build_method(run["method"], profile, backbone, model_cfg)
     return load_checkpoint(method, path), profile
+
+
+def train_profile(profile: Profile, out_dir: str | Path, *, method: str = "bayes-pfl",
+                  backbone=None, progress: bool | None = None, **fit_kwargs
+                  ) -> tuple[Method, History]:
+    """Train ``method`` on the profile's auxiliary dataset (``profile.data.aux``, split
+    ``aux_split``), building the synthetic benchmark first if the profile uses it."""
+    from pfl.backbone import load_backbone
+    from pfl.features import profile_store
+
+    backbone = backbone if backbone is not None else load_backbone(profile.backbone)
+    train = profile_store(profile, backbone, profile.data.aux, profile.data.aux_split,
+                          progress=progress)
+    if profile.train.selection == "official_target" and "target" not in fit_kwargs:
+        fit_kwargs["target"] = profile_store(profile, backbone, profile.data.targets[0], "test",
+                                             progress=progress)
+    m = build_method(method, profile, backbone)
+    history = fit(m, train, profile.train, out_dir, profile=profile, eval_cfg=profile.eval,
+                  progress=progress, **fit_kwargs)
+    return m, history
 
 
 # --------------------------------------------------------------------------- seeds

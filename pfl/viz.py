@@ -239,3 +239,171 @@ def plot_layer_maps(
         ax.set_yticks([])
     fig.colorbar(im, ax=axes.tolist(), fraction=0.02)
     return fig
+
+
+def plot_loss_terms(steps, terms: Sequence[str] | None = None, cell: float = 2.2,
+                    window: int = 1) -> plt.Figure:
+    """Every loss term per optimiser step, one panel each (a ``History.steps_frame()``).
+
+    ``window > 1`` overlays a centred running mean of that many steps.
+    """
+    skip = {"epoch", "step", "lr"}
+    terms = list(terms or [c for c in steps.columns if c not in skip])
+    n_cols = min(4, len(terms))
+    n_rows = -(-len(terms) // n_cols)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(cell * n_cols, 0.8 * cell * n_rows),
+                             squeeze=False)
+    for ax, term in zip(axes.flat, terms):
+        y = steps[term].to_numpy(dtype=float)
+        ax.plot(steps["step"], y, lw=0.8, alpha=0.5 if window > 1 else 1.0)
+        if window > 1:
+            ax.plot(steps["step"], steps[term].rolling(window, center=True, min_periods=1).mean(),
+                    lw=1.2, color="tab:red")
+        ax.set_title(term, fontsize=9)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(terms):]:
+        ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel("step", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_epoch_curves(epochs, datasets: Sequence[str], metric: str = "pixel_ap",
+                      cell: float = 3.0) -> plt.Figure:
+    """Appendix Figure A.3's question: loss (left) and ``metric`` (right) per epoch for each
+    monitored dataset (columns ``<name>/loss`` and ``<name>/<metric>`` of
+    ``History.epochs_frame()``); the left panel also shows the training loss."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(2 * cell, cell))
+    x = epochs["epoch"]
+    a.plot(x, epochs["train_loss"], "k--", marker=".", label="train (running mean)")
+    for name in datasets:
+        a.plot(x, epochs[f"{name}/loss"], marker="o", label=name)
+        b.plot(x, epochs[f"{name}/{metric}"], marker="o", label=name)
+    a.set_xlabel("epoch")
+    a.set_ylabel("loss")
+    b.set_xlabel("epoch")
+    b.set_ylabel(metric)
+    a.legend(fontsize=7)
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_metric_differences(diff, std=None, title: str = "", cell: float = 3.4) -> plt.Figure:
+    """Appendix Figure A.1's layout: grouped bars of a metric difference (e.g. flow minus
+    Gaussian, in points), rows of ``diff`` = datasets, columns = metrics; image-level metrics
+    in the left panel, pixel-level in the right. ``std``: error bars, same shape."""
+    groups = [[c for c in diff.columns if c.startswith("image")],
+              [c for c in diff.columns if c.startswith("pixel")]]
+    groups = [g for g in groups if g]
+    fig, axes = plt.subplots(1, len(groups), figsize=(cell * len(groups), cell), squeeze=False)
+    for ax, cols in zip(axes[0], groups):
+        x = np.arange(len(diff.index))
+        width = 0.8 / len(cols)
+        for k, c in enumerate(cols):
+            err = None if std is None else std[c].to_numpy(dtype=float)
+            ax.bar(x + (k - (len(cols) - 1) / 2) * width, diff[c].to_numpy(dtype=float), width,
+                   yerr=err, capsize=2, label=c)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xticks(x)
+        ax.set_xticklabels(diff.index, fontsize=8)
+        ax.set_ylabel("difference (points)")
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------- ablations (08)
+
+
+def plot_sweep(summary, metrics: tuple[str, str] = ("pixel_pro", "image_ap"),
+               cell: float = 2.6) -> plt.Figure:
+    """Appendix Figure A.2's layout: one panel per swept parameter, ``metrics[0]`` (pixel PRO)
+    on the left axis and ``metrics[1]`` (image AP) on the right axis, per value.
+
+    ``summary``: :func:`pfl.ablations.summarise` output (``symbol``, ``value``,
+    ``<metric>_mean``, ``<metric>_std``, ``n``); the band is mean ± one std over seeds.
+    """
+    symbols = list(dict.fromkeys(summary["symbol"]))
+    fig, axes = plt.subplots(1, len(symbols), figsize=(cell * len(symbols), 0.85 * cell),
+                             squeeze=False)
+    colours = ("tab:blue", "tab:orange")
+    for k, (ax, sym) in enumerate(zip(axes[0], symbols)):
+        part = summary[summary["symbol"] == sym].sort_values("value")
+        x = part["value"].to_numpy(dtype=float)
+        twin = ax.twinx()
+        for a, metric, colour in zip((ax, twin), metrics, colours):
+            mean = part[f"{metric}_mean"].to_numpy(dtype=float)
+            std = part[f"{metric}_std"].to_numpy(dtype=float)
+            a.fill_between(x, mean - std, mean + std, color=colour, alpha=0.2, lw=0)
+            a.plot(x, mean, marker="o", ms=3, color=colour, label=metric)
+            a.tick_params(axis="y", labelsize=7, colors=colour)
+        ax.set_xticks(x)
+        ax.tick_params(axis="x", labelsize=7)
+        ax.set_xlabel(sym, fontsize=9)
+        ax.set_title(f"({chr(97 + k)}) {sym}, n={int(part['n'].min())} seeds", fontsize=8)
+        if k == 0:
+            ax.set_ylabel(metrics[0], fontsize=8, color=colours[0])
+        if k == len(symbols) - 1:
+            twin.set_ylabel(metrics[1], fontsize=8, color=colours[1])
+    fig.tight_layout()
+    return fig
+
+
+def plot_tsne_draws(coords: Sequence[np.ndarray], categories: Sequence[str],
+                    titles: Sequence[str] | None = None, cell: float = 3.2) -> plt.Figure:
+    """Appendix Figure A.4's layout: side-by-side 2-D embeddings ``(N, 2)`` of the same N
+    images under different Monte Carlo draws, one colour per category, shared axis limits."""
+    cats = sorted(set(categories))
+    colours = plt.get_cmap("tab10")
+    names = np.asarray(categories)
+    allxy = np.concatenate(coords)
+    pad = 0.05 * (allxy.max(0) - allxy.min(0))
+    lo, hi = allxy.min(0) - pad, allxy.max(0) + pad
+    fig, axes = plt.subplots(1, len(coords), figsize=(cell * len(coords) + 1.2, cell),
+                             squeeze=False)
+    for k, (ax, xy) in enumerate(zip(axes[0], coords)):
+        for j, c in enumerate(cats):
+            sel = names == c
+            ax.scatter(xy[sel, 0], xy[sel, 1], s=10, color=colours(j % 10), label=c)
+        ax.set_xlim(lo[0], hi[0])
+        ax.set_ylim(lo[1], hi[1])
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(titles[k] if titles else f"({chr(97 + k)}) draw {k + 1}", fontsize=9)
+    axes[0, -1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def plot_size_table(frame, metrics: Sequence[str] = ("image_auroc", "image_ap", "pixel_auroc",
+                                                     "pixel_ap"), cell: float = 2.2
+                    ) -> plt.Figure:
+    """Table A.2 as curves: each metric against the input size, one line per tower, mean ±
+    one std over seeds (``frame``: :func:`pfl.ablations.backbone_table` rows)."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(cell * len(metrics), 0.9 * cell),
+                             squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for tower in dict.fromkeys(frame["tower"]):
+            g = frame[frame["tower"] == tower].groupby("size")[metric]
+            mean, std = g.mean(), g.std(ddof=1).fillna(0.0)
+            ax.errorbar(mean.index, mean.to_numpy(), yerr=std.to_numpy(), marker="o", ms=3,
+                        capsize=2, label=tower)
+        ax.set_title(metric, fontsize=8)
+        ax.set_xticks(sorted(set(frame["size"])))
+        ax.tick_params(labelsize=7)
+        ax.set_xlabel("input size (px)", fontsize=7)
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def explorer(methods, stores, **kwargs):
+    """The interactive map explorer (:class:`pfl.explorer.Explorer`); imported on call, so
+    that ``pfl.viz`` does not need ipywidgets."""
+    from pfl.explorer import Explorer
+
+    return Explorer(methods, stores, **kwargs)

@@ -10,6 +10,7 @@ from _toy import ToyMethod, toy_store
 
 from pfl.config import EvalConfig
 from pfl.features import FeatureStore, cache_key, clear_memory_cache, extract
+from pfl.method import Prediction
 
 S = 112  # the tiny_backbone fixture's input size
 
@@ -38,9 +39,11 @@ class FakeDataset:
 def test_store_equals_direct_encoding(tiny_backbone):
     ds = FakeDataset()
     store = extract(tiny_backbone, ds, cache="none", batch_size=4, storage_dtype=torch.float32)
+    # The same batches as the store (a matmul's rounding may depend on the batch size).
+    parts = [tiny_backbone.encode_image(x) for x in ds.images.split(4)]
+    assert torch.equal(store.feats.patches, torch.cat([p.patches for p in parts]))
+    assert torch.equal(store.feats.global_, torch.cat([p.global_ for p in parts]))
     ref = tiny_backbone.encode_image(ds.images)
-    assert torch.equal(store.feats.patches, ref.patches)
-    assert torch.equal(store.feats.global_, ref.global_)
     assert store.masks.dtype == torch.uint8 and torch.equal(store.masks.float(), ds.masks)
     assert store.labels.tolist() == [0, 1, 0, 1, 0, 1] and store.classes == ["a", "b"]
     half = extract(tiny_backbone, ds, cache="none", storage_dtype=torch.float16)
@@ -134,3 +137,34 @@ def test_wrong_image_size_is_a_clear_error(tiny_backbone):
     ds.images = ds.images[..., :64, :64]
     with pytest.raises(ValueError, match="image_size=112"):
         extract(tiny_backbone, ds, cache="none")
+
+
+def test_streaming_store_matches_cached_store_on_a_real_dataset(tiny_backbone, tmp_path):
+    from pfl.data import AnomalyDataset
+    from pfl.evaluate import evaluate
+    from pfl.features import StreamingStore
+    from pfl.synthetic import SynthConfig, build_benchmark
+
+    root = build_benchmark(tmp_path / "b", SynthConfig(
+        n_test_normal=2, n_test_anomalous=2, n_train_normal=0, n_train_anomalous=0,
+        image_size=S, domains=("medical",), workers=1))["medical"]
+    ds = AnomalyDataset(root, "test", image_size=S)
+    cached = extract(tiny_backbone, ds, cache="none", storage_dtype=torch.float32)
+    stream = StreamingStore(tiny_backbone, ds)
+    assert stream.cls_names == cached.cls_names and stream.paths == cached.paths
+    assert torch.equal(stream.labels, cached.labels) and stream.classes == cached.classes
+    for a, b in zip(cached.batches(5), stream.batches(5)):
+        assert torch.equal(a.feats.patches, b.feats.patches) and torch.equal(a.masks, b.masks)
+    sub = stream.subset(classes=["cell"], per_class=1)
+    assert sub.cls_names == ["cell", "cell"] and sub.labels.tolist() == [0, 1]
+
+    class MapFromFeatures(ToyMethod):  # any deterministic function of the real features
+        def predict(self, batch, generator):
+            t = batch.feats.patches[:, -1].mean(-1)  # (N, T)
+            g = int(t.shape[1] ** 0.5)
+            maps = torch.nn.functional.interpolate(t.view(-1, 1, g, g), size=(S, S))[:, 0]
+            return Prediction(maps=maps, scores=t.max(1).values)
+
+    cfg = EvalConfig(batch_size=3)
+    np.testing.assert_array_equal(evaluate(MapFromFeatures(), cached, cfg).table.to_numpy(float),
+                                  evaluate(MapFromFeatures(), stream, cfg).table.to_numpy(float))
