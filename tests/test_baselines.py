@@ -74,12 +74,14 @@ def _tower_on_tokens(bb: Backbone, image: torch.Tensor, keep: list[int]) -> torc
         return (v.ln_post(out[:, 0]) @ v.proj)[0]
 
 
-def test_batched_masked_windows_equal_each_window_alone(small_backbone):
+@pytest.mark.parametrize("single_call", [True, False])
+def test_batched_windows_equal_each_window_alone(small_backbone, single_call):
     bb = small_backbone
     images = _batch(bb).images
     windows = [window_indices(bb.grid, 2), window_indices(bb.grid, 3),
                torch.arange(16)[None]]  # the last "window" is the whole image
-    feats = encode_windows(bb, images, windows, chunk=7)  # chunking must not change anything
+    # padded + masked in one call, or one call per size; chunking must not change anything
+    feats = encode_windows(bb, images, windows, chunk=7, single_call=single_call)
     flat = torch.cat([F.pad(w, (0, 16 - w.shape[1]), value=-1) for w in windows])
     for i in range(images.shape[0]):
         for j, row in enumerate(flat):
