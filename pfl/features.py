@@ -464,11 +464,27 @@ def resolve_cache(mode: str, backbone: Backbone, n_images: int) -> str:
     return "disk" if size <= AUTO_CACHE_LIMIT else "none"
 
 
+def subsample_dataset(dataset, per_class: int):
+    """A shallow copy of an :class:`pfl.data.AnomalyDataset` keeping the first ``per_class``
+    normal and ``per_class`` anomalous samples of each category (its cache key changes too)."""
+    import copy
+
+    rows = select_rows([s["cls_name"] for s in dataset.samples],
+                       [int(s["anomaly"]) for s in dataset.samples], per_class=per_class)
+    out = copy.copy(dataset)
+    out.samples = [dataset.samples[i] for i in rows]
+    return out
+
+
 def profile_store(profile, backbone: Backbone, name: str, split: str = "test", *,
-                  classes=None, progress: bool | None = None) -> FeatureStore | StreamingStore:
+                  classes=None, per_class: int | None = None, progress: bool | None = None
+                  ) -> FeatureStore | StreamingStore:
     """Features of one split of dataset ``name`` under the profile's data root, cached per
-    ``profile.data.feature_cache`` (``"none"``: a :class:`StreamingStore`)."""
+    ``profile.data.feature_cache`` (``"none"``: a :class:`StreamingStore`); ``per_class``: only
+    the first that many normal and anomalous images of each category."""
     ds = profile_dataset(profile, name, split, classes)
+    if per_class is not None:
+        ds = subsample_dataset(ds, per_class)
     cache = resolve_cache(profile.data.feature_cache, backbone, len(ds))
     if cache == "none":
         return StreamingStore(backbone, ds)

@@ -220,6 +220,16 @@ def _epoch_metrics(method: Method, store: FeatureStore, eval_cfg: EvalConfig,
     return {f"{prefix}/{k}": float(v) for k, v in result.table.loc["mean"].items()}
 
 
+def _monitor_row(method: Method, monitor: Mapping[str, FeatureStore], cfg: TrainConfig,
+                 eval_cfg: EvalConfig, epoch: int, row: dict) -> dict:
+    """``row`` plus loss and metrics of every monitored dataset after ``epoch`` epochs."""
+    for k, (name, store) in enumerate(sorted(monitor.items())):
+        row[f"{name}/loss"] = store_loss(method, store, cfg.batch_size,
+                                         _generator(cfg.seed, epoch, 2 + k))
+        row |= _epoch_metrics(method, store, eval_cfg, name)
+    return row
+
+
 def _selection_value(row: Mapping, prefix: str, metric: str) -> float:
     value = row.get(f"{prefix}/{metric}", math.nan)
     if math.isnan(value):  # e.g. image-label data: fall back to image AUROC
@@ -262,6 +272,7 @@ def fit(
     resume: bool = True,
     callbacks: Iterable[Callable[[History, dict], None]] = (),
     progress: bool | None = None,
+    monitor_initial: bool = False,
 ) -> History:
     """Train ``method`` on the auxiliary split ``train``; write checkpoints to ``out_dir``.
 
@@ -275,6 +286,7 @@ def fit(
         monitor: datasets scored after every epoch for the record only (loss and every
             metric, e.g. the aux test split and the target domain for Figure A.3's question).
             They never influence training or selection.
+        monitor_initial: also score ``monitor`` before the first step (an epoch-0 row).
         target: the target dataset, read only by ``selection="official_target"``.
         resume: continue from ``out_dir/resume`` when it holds an unfinished run.
         callbacks: ``f(history, epoch_row)`` after each epoch's checkpoint is written.
@@ -331,6 +343,9 @@ def fit(
 
     show = progress_enabled(progress)
     needs_images = _needs_images(method)
+    if monitor and monitor_initial and start_epoch == 0 and not history.epochs:
+        history.epochs.append(_monitor_row(method, monitor, cfg, eval_cfg, epoch=0,
+                                           row={"epoch": 0, "train_loss": math.nan}))
     for epoch in range(start_epoch, cfg.epochs):
         _set_mode(method, True)
         order = _generator(cfg.seed, epoch, 0)
@@ -367,11 +382,7 @@ def fit(
         row: dict = {"epoch": epoch + 1, "train_loss": float(np.mean(totals))}
         if select_store is not None:
             row |= _epoch_metrics(method, select_store, eval_cfg, select_prefix)
-        for k, (name, store) in enumerate(sorted(monitor.items())):
-            row[f"{name}/loss"] = store_loss(method, store, cfg.batch_size,
-                                             _generator(cfg.seed, epoch, 2 + k))
-            row |= _epoch_metrics(method, store, eval_cfg, name)
-        history.epochs.append(row)
+        history.epochs.append(_monitor_row(method, monitor, cfg, eval_cfg, epoch + 1, row))
 
         if select_store is not None:
             value = _selection_value(row, select_prefix, cfg.selection_metric)

@@ -162,8 +162,14 @@ def test_monitor_is_recorded_but_does_not_change_training(aux, target, tmp_path)
     plain = ToyMethod()
     fit(plain, aux, CFG, tmp_path / "plain")
     watched = ToyMethod()
-    h = fit(watched, aux, CFG, tmp_path / "watched", eval_cfg=EVAL, monitor={"target": target})
+    h = fit(watched, aux, CFG, tmp_path / "watched", eval_cfg=EVAL, monitor={"target": target},
+            monitor_initial=True)
     assert_same(params(plain), params(watched))
+    from pfl.evaluate import evaluate
+
+    assert [r["epoch"] for r in h.epochs] == [0, 1, 2, 3]
+    untrained = evaluate(ToyMethod(), target, EVAL).table.loc["mean"]
+    assert h.epochs[0]["target/pixel_ap"] == untrained["pixel_ap"]
     row = h.epochs[-1]
     assert {"target/loss", "target/pixel_ap", "target/image_auroc"} <= set(row)
     steps = h.steps_frame()
