@@ -276,7 +276,7 @@ def plot_epoch_curves(epochs, datasets: Sequence[str], metric: str = "pixel_ap",
     ``History.epochs_frame()``); the left panel also shows the training loss."""
     fig, (a, b) = plt.subplots(1, 2, figsize=(2 * cell, cell))
     x = epochs["epoch"]
-    a.plot(x, epochs["train_loss"], "k--", marker=".", label="train (running mean)")
+    a.plot(x, epochs["train_loss"], "k--", marker=".", label="train (mean of the epoch's steps)")
     for name in datasets:
         a.plot(x, epochs[f"{name}/loss"], marker="o", label=name)
         b.plot(x, epochs[f"{name}/{metric}"], marker="o", label=name)

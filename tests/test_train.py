@@ -10,6 +10,7 @@ import torch
 from _toy import RecordingStore, ToyMethod, toy_store
 from safetensors.torch import load_file
 
+from pfl.backbone import TINY_WEIGHTS
 from pfl.config import EvalConfig, TrainConfig
 from pfl.train import (
     OFFICIAL_LRS,
@@ -201,3 +202,34 @@ def test_fit_seeds_mean_and_std(aux, target, tmp_path):
     np.testing.assert_allclose(s.mean["target"].to_numpy(float), stack.mean(0))
     np.testing.assert_allclose(s.std["target"].to_numpy(float), stack.std(0, ddof=1))
     assert (s.std["target"].loc["mean"] > 0).any()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TINY_WEIGHTS.is_file(), reason="needs the shipped tiny CLIP weights")
+def test_bayes_pfl_trained_beats_untrained_zero_shot(tmp_path):
+    """Bayes-PFL on the smoke profile (shipped tiny CLIP, synthetic benchmark): one epoch on
+    the aux domain lifts zero-shot pixel AUROC on the unseen target categories.
+
+    Measured (this test's subset, 5 + 5 images per target category, seed 0):
+    untrained pixel AUROC 0.392, after one epoch 0.772. The image AUROC does not improve on
+    this tower (0.446 -> 0.440; the global branch's CE stays at ln 2, see notebook 05), so it
+    is not asserted.
+    """
+    from pfl import config
+    from pfl.backbone import load_backbone
+    from pfl.evaluate import evaluate
+    from pfl.features import profile_store
+    from pfl.train import build_method
+
+    profile = config.smoke().replace(train={"epochs": 1})
+    backbone = load_backbone(profile.backbone)
+    train = profile_store(profile, backbone, "aux", profile.data.aux_split)
+    target = profile_store(profile, backbone, "target", "test", per_class=5)
+    before = evaluate(build_method("bayes-pfl", profile, backbone), target, profile.eval)
+    method = build_method("bayes-pfl", profile, backbone)
+    fit(method, train, profile.train, tmp_path / "run", profile=profile)
+    after = evaluate(method, target, profile.eval)
+    b, a = before.table.loc["mean"], after.table.loc["mean"]
+    print(f"pixel AUROC {b['pixel_auroc']:.3f} -> {a['pixel_auroc']:.3f}, "
+          f"image AUROC {b['image_auroc']:.3f} -> {a['image_auroc']:.3f}")
+    assert a["pixel_auroc"] > b["pixel_auroc"] + 0.2
