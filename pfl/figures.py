@@ -17,8 +17,8 @@ the last bits. Figures of timings would break this; the notebooks keep timings o
 The executed notebooks are not written back unless ``save=True`` (their stored outputs are
 what ``pytest --nbval`` compares against, in the smoke profile).
 
->>> FIGURE_NAME.findall('save_figure(fig, FIG / "08_sweeps.png", csv=s)  # 00_x.csv')
-['08_sweeps.png', '00_x.csv']
+>>> FIGURE_NAME.findall('save_figure(fig, FIG / "08_sweeps.png", csv=s)  # 00b_x.csv')
+['08_sweeps.png', '00b_x.csv']
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-NOTEBOOK_NAME = re.compile(r"^(\d+)_[^/]*\.ipynb$")
-FIGURE_NAME = re.compile(r"\b(\d\d_[A-Za-z0-9_\-]+\.(?:png|csv))\b")
+NOTEBOOK_NAME = re.compile(r"^(\d+)[a-z]?_[^/]*\.ipynb$")  # 00_x, 00b_y (after 00_x), 01_z
+FIGURE_NAME = re.compile(r"\b(\d\d[a-z]?_[A-Za-z0-9_\-]+\.(?:png|csv))\b")
 FIGURE_SUFFIXES = (".png", ".csv")
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -46,7 +46,7 @@ def default_dirs() -> tuple[Path, Path]:
 
 def numbered_notebooks(notebooks_dir: str | Path, only: Sequence[str] | None = None
                        ) -> list[Path]:
-    """The ``NN_*.ipynb`` notebooks of a folder, by number then name.
+    """The ``NN_*.ipynb`` (and ``NNb_*.ipynb``) notebooks of a folder, by number then name.
 
     ``only``: numbers or name stems to keep (``["08"]``, ``["03_planar_flows"]``); a name that
     matches nothing is an error.

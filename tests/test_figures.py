@@ -71,11 +71,12 @@ def test_other_figure_functions_are_stable_too(tmp_path):
 
 
 def test_notebooks_run_in_number_order_and_only_picks(tmp_path):
-    for name in ("10_last.ipynb", "02_b.ipynb", "00_a.ipynb", "notes.ipynb", "02_a.ipynb"):
+    for name in ("10_last.ipynb", "02_b.ipynb", "00b_c.ipynb", "00_a.ipynb", "notes.ipynb",
+                 "02_a.ipynb"):
         (tmp_path / name).write_text("{}")
     (tmp_path / ".ipynb_checkpoints").mkdir()
     names = [p.name for p in figures.numbered_notebooks(tmp_path)]
-    assert names == ["00_a.ipynb", "02_a.ipynb", "02_b.ipynb", "10_last.ipynb"]
+    assert names == ["00_a.ipynb", "00b_c.ipynb", "02_a.ipynb", "02_b.ipynb", "10_last.ipynb"]
     assert [p.name for p in figures.numbered_notebooks(tmp_path, ["02"])] == [
         "02_a.ipynb", "02_b.ipynb"]
     assert [p.name for p in figures.numbered_notebooks(tmp_path, ["10_last"])] == [
