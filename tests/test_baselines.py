@@ -183,20 +183,20 @@ CHEAP = {"winclip": WinCLIPConfig(prompts="sp"),
          "anomalyclip": None}
 
 
-@pytest.mark.parametrize("name", ["aprilgan", pytest.param("anomalyclip", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["aprilgan", "anomalyclip"])
 def test_training_lowers_the_loss_on_a_fixed_batch(small_backbone, name):
     batch = _batch(small_backbone)
     m = build(name, small_backbone, CHEAP[name], generator=torch.Generator().manual_seed(0))
-    opt = torch.optim.Adam(m.trainable_parameters(), lr=1e-2)
+    opt = torch.optim.Adam(m.trainable_parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(0)
     losses = []
-    for _ in range(15):
+    for _ in range(20):
         step = m.training_step(batch, g)
         opt.zero_grad()
         step.total.backward()
         opt.step()
         losses.append(step.terms["total"])
-    assert losses[-1] < 0.9 * losses[0], losses
+    assert losses[-1] < 0.95 * losses[0], losses
     assert all(not p.requires_grad for p in small_backbone.parameters())
 
 
