@@ -313,8 +313,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Bayes-PFL: B = {model_cfg.n_prompts}, R = {model_cfg.mc_test}, "
           f"K = {model_cfg.flow_length}; time = median of {args.repeats} runs per batch / batch\n")
 
-    rows = {name: measure(m, images, cls_names, device, args.repeats)
-            for name, m in methods.items()}
+    rows, failed = {}, []
+    for name, m in methods.items():
+        try:
+            rows[name] = measure(m, images, cls_names, device, args.repeats)
+        except Exception as err:  # report and go on: one broken peer must not hide the rest
+            failed.append(name)
+            print(f"{name} FAILED: {type(err).__name__}: {err}")
 
     # The straightforward reference: equality first (same seeds), then its time.
     n_ref = min(args.ref_batch, args.batch)
@@ -347,13 +352,15 @@ def main(argv: list[str] | None = None) -> int:
     for row in table:
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
                         for i, (c, w) in enumerate(zip(row, widths))))
+    if "Bayes-PFL" not in rows:
+        return 1
     print(f"\nBayes-PFL reference (per image x sample x prompt x state text calls on 77 tokens, "
           f"Python loops over layers and pairs; {n_ref} images): {ref_ms:.1f} ms/img; pfl: "
           f"{rows['Bayes-PFL']['ms']:.1f} ms/img; speed-up {ref_ms / rows['Bayes-PFL']['ms']:.1f}x")
     ok = map_err <= TOLERANCE and score_err <= TOLERANCE
     print(f"pfl vs reference: max |map diff| = {map_err:.2e}, max |score diff| = {score_err:.2e} "
           f"(tolerance {TOLERANCE:.0e}): {'OK' if ok else 'MISMATCH'}")
-    return 0 if ok else 1
+    return 0 if ok and not failed else 1
 
 
 if __name__ == "__main__":
