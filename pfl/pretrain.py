@@ -30,12 +30,14 @@ drawn from ``np.random.default_rng([seed, t])``, so a run resumed from a checkpo
 uninterrupted run exactly. Checkpoints are single safetensors files (weights, optimizer moments,
 torch RNG state) whose header holds the JSON state, written atomically.
 
-    >>> cfg = PretrainConfig(batch=2, image_size=56, steps=1)
+    >>> cfg = PretrainConfig(batch=2, image_size=56, final_size=None)
     >>> b = make_batch(cfg, step=0)
     >>> tuple(b.images.shape), tuple(b.fractions.shape), len(b.captions)
     ((4, 3, 56, 56), (4, 16), 4)
-    >>> b.captions[0].replace(b.states[0], "") == b.captions[1].replace(b.states[1], "")
-    True
+    >>> b.captions[:2]
+    ['a photo of a unblemished plaid pattern.', 'a photo of a flawed plaid pattern.']
+    >>> b.kinds[:2]
+    ['', 'scratch']
 """
 
 from __future__ import annotations
@@ -190,8 +192,10 @@ def caption_pair(rng: np.random.Generator, pattern: str, kind: str) -> tuple[str
     """(normal caption, defect caption, normal state, defect state) sharing template and noun.
 
     >>> n, d, _, _ = caption_pair(np.random.default_rng(3), "zigzag", "scratch")
-    >>> n, d
-    ('a cropped photo of the zigzag pattern.', 'a cropped photo of the scratched zigzag pattern.')
+    >>> n
+    'a dark photo of the flawless zigzag pattern.'
+    >>> d
+    'a dark photo of the zigzag pattern with damage.'
     """
     template = _pick(rng, TEMPLATES)
     u = rng.uniform()
