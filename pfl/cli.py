@@ -166,7 +166,12 @@ def _run_train(args) -> int:
     changes = {k: v for k, v in (("epochs", args.epochs), ("seed", args.seed)) if v is not None}
     if changes:
         profile = profile.replace(train=changes)
-    _, history = train_profile(profile, args.out, method=args.method, progress=args.progress)
+    try:
+        _, history = train_profile(profile, args.out, method=args.method,
+                                   progress=args.progress)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     loss = history.epochs[-1]["train_loss"] if history.epochs else float("nan")
     print(f"trained {args.method} on {profile.data.aux} ({profile.name} profile), "
           f"{len(history.epochs)} epochs, last train loss {loss:.4f}")
@@ -189,8 +194,12 @@ def _run_evaluate(args) -> int:
     from pfl.evaluate import evaluate_run, summary_frame
 
     out = args.out or f"{args.checkpoint}/eval"
-    results, _ = evaluate_run(args.checkpoint, out, datasets=args.datasets,
-                              progress=args.progress)
+    try:
+        results, _ = evaluate_run(args.checkpoint, out, datasets=args.datasets,
+                                  progress=args.progress)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print((100 * summary_frame(results)).round(1).to_string())
     print(f"tables: {out}/tables, figures: {out}/figures, all values: {out}/results.csv")
     return 0

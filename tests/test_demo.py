@@ -65,3 +65,5 @@ def test_cli_train_evaluate_predict(mini, tmp_path, capsys):
     assert "3 images" in capsys.readouterr().out
     assert cli.main(["predict", "--checkpoint", str(tmp_path / "nope"), "--images",
                      str(imgs), "--out", str(tmp_path / "x")]) == 2
+    assert cli.main(["evaluate", "--checkpoint", str(tmp_path / "nope")]) == 2
+    assert "config.json is missing" in capsys.readouterr().err
