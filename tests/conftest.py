@@ -1,6 +1,7 @@
-"""Shared test fixtures: tiny seeded models (no downloads, STYLE.md habit 5)."""
+"""Shared test fixtures and helpers: tiny seeded models (no downloads, STYLE.md habit 5)."""
 
 import pytest
+import torch
 
 from pfl.backbone import Backbone
 from pfl.config import BackboneConfig
@@ -8,5 +9,19 @@ from pfl.config import BackboneConfig
 
 @pytest.fixture(scope="session")
 def tiny_backbone() -> Backbone:
-    """The random-init ``pfl-tiny`` CLIP at 112 px (8 x 8 patches, 4 tapped layers), frozen."""
+    """The shipped ``pfl-tiny`` CLIP at 112 px (8 x 8 patches, 4 tapped layers), frozen."""
     return Backbone.from_config(BackboneConfig(model_name="pfl-tiny", image_size=112))
+
+
+def adam_steps(method, batch, steps: int, lr: float, generator: torch.Generator) -> list[float]:
+    """Train ``method`` for ``steps`` Adam steps on one fixed batch; the total loss per step."""
+    opt = torch.optim.Adam(list(method.trainable_parameters()), lr=lr)
+    method.train(True)
+    losses = []
+    for _ in range(steps):
+        loss = method.training_step(batch, generator)
+        opt.zero_grad()
+        loss.total.backward()
+        opt.step()
+        losses.append(float(loss.total.detach()))
+    return losses

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import adam_steps
 
 from pfl.backbone import Backbone
 from pfl.baselines import build
@@ -158,14 +159,5 @@ def test_contract_predict_and_state(tiny_backbone):
 def test_training_reduces_loss_on_a_fixed_batch(tiny_backbone):
     m = AdaCLIP(tiny_backbone, AdaCLIPConfig(k_clusters=3), torch.Generator().manual_seed(0))
     batch = _batch(tiny_backbone)
-    opt = torch.optim.Adam(list(m.trainable_parameters()), lr=1e-2)
-    m.train(True)
-    g = torch.Generator().manual_seed(0)
-    losses = []
-    for _ in range(4):
-        loss = m.training_step(batch, g)
-        opt.zero_grad()
-        loss.total.backward()
-        opt.step()
-        losses.append(float(loss.total.detach()))
+    losses = adam_steps(m, batch, 4, 1e-2, torch.Generator().manual_seed(0))
     assert losses[-1] < losses[0] - 0.05, losses

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import adam_steps
 
 from pfl.backbone import Backbone, create_clip
 from pfl.baselines import build
@@ -187,15 +188,7 @@ CHEAP = {"winclip": WinCLIPConfig(prompts="sp"),
 def test_training_lowers_the_loss_on_a_fixed_batch(small_backbone, name):
     batch = _batch(small_backbone)
     m = build(name, small_backbone, CHEAP[name], generator=torch.Generator().manual_seed(0))
-    opt = torch.optim.Adam(m.trainable_parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(0)
-    losses = []
-    for _ in range(20):
-        step = m.training_step(batch, g)
-        opt.zero_grad()
-        step.total.backward()
-        opt.step()
-        losses.append(step.terms["total"])
+    losses = adam_steps(m, batch, 20, 1e-3, torch.Generator().manual_seed(0))
     assert losses[-1] < 0.95 * losses[0], losses
     assert all(not p.requires_grad for p in small_backbone.parameters())
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import adam_steps
 
 from pfl.backbone import Backbone
 from pfl.baselines import build
@@ -181,15 +182,7 @@ def test_training_reduces_loss_and_state_round_trip(tiny_backbone):
     m = CLIPAD(tiny_backbone, CLIPADConfig(**SP), generator=g)
     batch = _batch(tiny_backbone)
     batch.features(tiny_backbone)
-    opt = torch.optim.Adam(list(m.trainable_parameters()), lr=1e-2)
-    m.train(True)
-    losses = []
-    for _ in range(6):
-        loss = m.training_step(batch, g)
-        opt.zero_grad()
-        loss.total.backward()
-        opt.step()
-        losses.append(float(loss.total.detach()))
+    losses = adam_steps(m, batch, 6, 1e-2, g)
     assert losses[-1] < losses[0] - 0.05, losses
     assert all(p.grad is None for p in tiny_backbone.parameters())
     state = m.trainable_state_dict()
