@@ -447,14 +447,9 @@ def build_method(name: str, profile: Profile, backbone=None, model_cfg: Mapping 
 
     backbone = backbone if backbone is not None else load_backbone(profile.backbone)
     if name.lower().replace("_", "-") in ("bayes-pfl", "bayespfl"):
-        import inspect
-
         from pfl.model import BayesPFL
 
-        kwargs = {}
-        if "train_cfg" in inspect.signature(BayesPFL).parameters:
-            kwargs["train_cfg"] = profile.train
-        return BayesPFL(backbone, profile.model, seed=profile.train.seed, **kwargs)
+        return BayesPFL(backbone, profile.model, seed=profile.train.seed, train_cfg=profile.train)
     from pfl import baselines
 
     key = name.lower().replace("-", "").replace("_", "")
