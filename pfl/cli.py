@@ -186,6 +186,10 @@ def _add_evaluate(sub) -> None:
                    "(default: <checkpoint>/eval)")
     p.add_argument("--datasets", nargs="+", default=None,
                    help="dataset folders under the run profile's data root (default: its targets)")
+    p.add_argument("--mc-samples", type=int, default=None,
+                   help="R, the prompt samples per image (default: the run's ModelConfig.mc_test)")
+    p.add_argument("--image-score", choices=("per_image", "official_minmax"), default=None,
+                   help="image score recipe (default: the run's, per_image)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     p.set_defaults(func=_run_evaluate)
 
@@ -196,7 +200,8 @@ def _run_evaluate(args) -> int:
     out = args.out or f"{args.checkpoint}/eval"
     try:
         results, _ = evaluate_run(args.checkpoint, out, datasets=args.datasets,
-                                  progress=args.progress)
+                                  progress=args.progress, mc_samples=args.mc_samples,
+                                  image_score=args.image_score)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

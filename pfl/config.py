@@ -77,7 +77,7 @@ class TrainConfig:
 class EvalConfig:
     """Zero-shot evaluation (REFERENCE.md, "Maps, scores", "Metrics")."""
 
-    mc_samples: int = 10  # R at inference
+    mc_samples: int | None = None  # R at inference; None: the method's own (ModelConfig.mc_test)
     sigma: float = 8.0  # Gaussian blur of the maps, in pixels at 518 px; scaled to image size
     image_score: str = "per_image"  # "per_image" | "official_minmax" (transductive, per class)
     topk: int = 2000  # top-k map values for "official_minmax", at 518 px; scaled by area

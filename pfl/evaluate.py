@@ -1,7 +1,9 @@
 """Zero-shot evaluation of a trained method on every category of a target dataset.
 
-REFERENCE.md, "Maps, scores, losses" and "Metrics"; appendix A.1 (R = 10 at inference, set by
-the method's own config, e.g. ``ModelConfig.mc_test``) and Tables A.4-A.9.
+REFERENCE.md, "Maps, scores, losses" and "Metrics"; appendix A.1 (R = 10 at inference) and
+Tables A.4-A.9. R is the method's own (``ModelConfig.mc_test``) unless
+``EvalConfig.mc_samples`` sets it for this evaluation; methods that draw no samples (the
+peers) have no R and ignore it.
 
 1. The method predicts an abnormal-probability map ``(N, S, S)`` and a score per image.
 2. Maps are blurred with a Gaussian of sigma 8 px at 518 px, scaled to the image size
@@ -25,7 +27,7 @@ the method's own config, e.g. ``ModelConfig.mc_test``) and Tables A.4-A.9.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +136,11 @@ def predict_store(method: Method, store: FeatureStore, cfg: EvalConfig | None = 
     train_mode = getattr(method, "train", None)
     if callable(train_mode):
         train_mode(False)
+    samples = getattr(method, "inference_samples", None)
+    if cfg.mc_samples is not None and callable(samples):
+        with samples(cfg.mc_samples):
+            return predict_store(method, store, replace(cfg, mc_samples=None),
+                                 progress=progress, desc=desc)
     gen = torch.Generator().manual_seed(cfg.seed)
     sigma = scaled_sigma(cfg.sigma, store.image_size)
     maps, scores, masks, labels, names, paths = [], [], [], [], [], []
@@ -340,10 +347,17 @@ def evaluate_profile(method: Method, profile, out_dir: str | Path | None = None,
 
 
 def evaluate_run(checkpoint: str | Path, out_dir: str | Path, *,
-                 datasets: Sequence[str] | None = None, progress: bool | None = None
-                 ) -> tuple[Results, dict[str, EvalResult]]:
-    """Rebuild a training run (:func:`pfl.train.load_run`) and evaluate it zero-shot."""
+                 datasets: Sequence[str] | None = None, progress: bool | None = None,
+                 **eval_overrides) -> tuple[Results, dict[str, EvalResult]]:
+    """Rebuild a training run (:func:`pfl.train.load_run`) and evaluate it zero-shot.
+
+    ``eval_overrides``: :class:`EvalConfig` fields to change for this evaluation (e.g.
+    ``mc_samples=20``, ``image_score="official_minmax"``); ``None`` values are ignored.
+    """
     from pfl.train import load_run
 
     method, profile = load_run(checkpoint)
+    overrides = {k: v for k, v in eval_overrides.items() if v is not None}
+    if overrides:
+        profile = replace(profile, eval=replace(profile.eval, **overrides))
     return evaluate_profile(method, profile, out_dir, datasets=datasets, progress=progress)

@@ -51,7 +51,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -475,6 +476,20 @@ class BayesPFL(nn.Module):
         dev = out.layer_maps.device
         terms = self.loss(out, batch.masks.to(dev), batch.labels.to(dev), self.train_cfg)
         return StepLoss(terms.total, terms.as_dict())
+
+    @contextmanager
+    def inference_samples(self, n_samples: int):
+        """Use R = ``n_samples`` at inference inside the ``with`` block (``EvalConfig.mc_samples``).
+
+        """
+        if int(n_samples) < 1:
+            raise ValueError(f"inference_samples: R must be >= 1, got {n_samples}")
+        saved = self.cfg
+        self.cfg = replace(saved, mc_test=int(n_samples))
+        try:
+            yield self
+        finally:
+            self.cfg = saved
 
     def predict(self, batch: Batch, generator: torch.Generator) -> Prediction:
         """Anomaly maps ``(N, S, S)`` and global scores ``(N,)`` (no gradients).

@@ -454,7 +454,8 @@ def build_method(name: str, profile: Profile, backbone=None, model_cfg: Mapping 
 
     key = name.lower().replace("-", "").replace("_", "")
     cfg = baselines.CONFIGS[key](**model_cfg) if (model_cfg and key in baselines.CONFIGS) else None
-    return baselines.build(name, backbone, cfg)
+    generator = torch.Generator().manual_seed(profile.train.seed)
+    return baselines.build(name, backbone, cfg, generator=generator)
 
 
 def load_run(path: str | Path, backbone=None) -> tuple[Method, Profile]:

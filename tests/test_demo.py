@@ -3,6 +3,7 @@
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
@@ -51,6 +52,13 @@ def test_cli_train_evaluate_predict(mini, tmp_path, capsys):
                      "--datasets", "medical", "--no-progress"]) == 0
     table = pd.read_csv(tmp_path / "ev" / "tables" / "medical.csv", index_col=0)
     assert list(table.index) == ["cell", "phantom", "retina", "tissue", "mean"]
+    # the evaluation settings can be changed per call: R = 1 instead of the run's 10 moves
+    # the maps, so the pixel metrics change
+    assert cli.main(["evaluate", "--checkpoint", str(run), "--out", str(tmp_path / "ev1"),
+                     "--datasets", "medical", "--mc-samples", "1", "--image-score",
+                     "official_minmax", "--no-progress"]) == 0
+    one = pd.read_csv(tmp_path / "ev1" / "tables" / "medical.csv", index_col=0)
+    assert not np.allclose(one["pixel_ap"], table["pixel_ap"])
     imgs = tmp_path / "mine"
     imgs.mkdir()
     for i in range(3):

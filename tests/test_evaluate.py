@@ -1,6 +1,9 @@
 """pfl.evaluate: the blur, the image-score recipes, the metrics path, tables and figures."""
 
+import contextlib
+
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from _toy import SIZE, ToyMethod, toy_store
@@ -117,3 +120,37 @@ def test_bad_map_shape_is_a_clear_error():
 
     with pytest.raises(ValueError, match=r"maps must be \(N, S, S\)"):
         evaluate(Wrong(), toy_store(["a"], 2))
+
+
+class _Sampling(ToyMethod):
+    """ToyMethod that records the R it would use (``inference_samples`` as BayesPFL has)."""
+
+    def __init__(self):
+        super().__init__()
+        self.r, self.seen = 5, []
+
+    @contextlib.contextmanager
+    def inference_samples(self, n):
+        saved, self.r = self.r, n
+        try:
+            yield self
+        finally:
+            self.r = saved
+
+    def predict(self, batch, generator):
+        self.seen.append(self.r)
+        return super().predict(batch, generator)
+
+
+def test_mc_samples_reaches_methods_that_sample_and_only_for_the_evaluation():
+    store = toy_store(["a", "b"], 4, seed=3)
+    method = _Sampling()
+    evaluate(method, store, EvalConfig(batch_size=4))  # None: the method's own R
+    assert set(method.seen) == {5}
+    method.seen.clear()
+    evaluate(method, store, EvalConfig(batch_size=4, mc_samples=2))
+    assert set(method.seen) == {2} and method.r == 5
+    # a method that draws nothing has no R: the setting is ignored, the maps are the same
+    plain = evaluate(ToyMethod(), store, EvalConfig(batch_size=4, mc_samples=2)).table
+    own = evaluate(ToyMethod(), store, EvalConfig(batch_size=4)).table
+    pd.testing.assert_frame_equal(plain, own)

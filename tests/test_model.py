@@ -294,3 +294,19 @@ def test_method_contract(tiny_backbone, images):
               for i in (0, 2)]
     assert whole.maps.shape == masks.shape and whole.scores.shape == (4,)
     torch.testing.assert_close(torch.cat([h.maps for h in halves]), whole.maps, atol=1e-5, rtol=0)
+
+
+def test_inference_samples_sets_r_for_the_block_only(model, images):
+    # R = 2 inside the block is the same as asking forward for n_samples=2; the config is
+    # restored afterwards, also when the block raises.
+    want = _forward(model, images, NAMES, seeds=[0, 1, 2, 3], n_samples=2)
+    with model.inference_samples(2):
+        got = _forward(model, images, NAMES, seeds=[0, 1, 2, 3])
+    torch.testing.assert_close(got.anomaly_map, want.anomaly_map, atol=0, rtol=0)
+    assert model.cfg.mc_test == CFG.mc_test
+    with pytest.raises(RuntimeError), model.inference_samples(3):
+        assert model.cfg.mc_test == 3
+        raise RuntimeError("inside")
+    assert model.cfg.mc_test == CFG.mc_test
+    with pytest.raises(ValueError, match="R must be >= 1"), model.inference_samples(0):
+        pass
