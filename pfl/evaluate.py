@@ -114,6 +114,61 @@ def official_minmax_scores(scores: np.ndarray, maps: np.ndarray, cls_names: Sequ
     return out
 
 
+def image_auroc_by_category(scores: np.ndarray, labels: np.ndarray,
+                            cls_names: Sequence[str]) -> pd.Series:
+    """Image AUROC of ``scores`` per category and their ``mean`` (the tables' convention).
+
+    >>> image_auroc_by_category(np.array([0.1, 0.9, 0.8, 0.2]), np.array([0, 1, 0, 1]),
+    ...                         ["a", "a", "b", "b"]).tolist()
+    [1.0, 0.0, 0.5]
+    """
+    from pfl.metrics import image_metrics
+
+    names = np.asarray(cls_names)
+    per = {c: image_metrics(np.asarray(scores)[names == c], np.asarray(labels)[names == c])
+           ["image_auroc"] for c in sorted(set(cls_names))}
+    out = pd.Series(per, name="image_auroc")
+    out["mean"] = float(np.mean(list(per.values())))
+    return out
+
+
+def linear_probe_auroc(train: FeatureStore, test: FeatureStore, feature: str = "global",
+                       C: float = 1.0) -> pd.Series:
+    """A ceiling for image scores computed from one frozen feature: logistic regression
+    (scikit-learn) fitted on ``train``'s image labels, scored on ``test``'s unseen categories.
+
+    Bayes-PFL's global score is a function of the CLS feature alone (REFERENCE.md, "Global
+    score"), so when a *supervised* probe of that feature does not transfer to the target
+    categories, no training of the prompts can make the global score transfer either.
+
+    Args:
+        feature: ``"global"`` (the projected CLS feature) or ``"patch_mean"`` (the mean
+            patch token of the last tapped layer). Features are L2-normalised.
+        C: inverse regularisation strength.
+    Returns:
+        the probe's image AUROC per test category and the ``mean``.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    def features(store: FeatureStore) -> np.ndarray:
+        if feature == "global":
+            x = store.feats.global_.float()
+        elif feature == "patch_mean":
+            x = store.feats.patches[:, -1].float().mean(1)
+        else:
+            raise ValueError(f"linear_probe_auroc: feature must be 'global' or 'patch_mean', "
+                             f"got {feature!r}")
+        return torch.nn.functional.normalize(x, dim=-1).numpy()
+
+    labels = train.labels.numpy()
+    if len(set(labels.tolist())) < 2:
+        raise ValueError("linear_probe_auroc: the training store needs normal and anomalous "
+                         "images")
+    probe = LogisticRegression(C=C, max_iter=2000).fit(features(train), labels)
+    return image_auroc_by_category(probe.decision_function(features(test)),
+                                   test.labels.numpy(), test.cls_names)
+
+
 @dataclass
 class PredictionSet:
     """A method's outputs on a store: smoothed maps ``(N, S, S)`` float32, the method's own

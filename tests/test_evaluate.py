@@ -1,6 +1,7 @@
 """pfl.evaluate: the blur, the image-score recipes, the metrics path, tables and figures."""
 
 import contextlib
+import dataclasses
 
 import numpy as np
 import pandas as pd
@@ -8,12 +9,16 @@ import pytest
 import torch
 from _toy import SIZE, ToyMethod, toy_store
 from scipy.stats import norm
+from sklearn.metrics import roc_auc_score
 
+from pfl.backbone import ImageFeatures
 from pfl.config import EvalConfig
 from pfl.evaluate import (
     evaluate,
     evaluate_all,
+    image_auroc_by_category,
     image_scores,
+    linear_probe_auroc,
     official_minmax_scores,
     predict_store,
     scaled_sigma,
@@ -154,3 +159,31 @@ def test_mc_samples_reaches_methods_that_sample_and_only_for_the_evaluation():
     plain = evaluate(ToyMethod(), store, EvalConfig(batch_size=4, mc_samples=2)).table
     own = evaluate(ToyMethod(), store, EvalConfig(batch_size=4)).table
     pd.testing.assert_frame_equal(plain, own)
+
+
+def test_image_auroc_by_category_equals_sklearn_per_category():
+    rng = np.random.default_rng(0)
+    scores, labels = rng.normal(size=40), np.tile([0, 1], 20)
+    names = ["a"] * 20 + ["b"] * 20
+    got = image_auroc_by_category(scores, labels, names)
+    want = [roc_auc_score(labels[:20], scores[:20]), roc_auc_score(labels[20:], scores[20:])]
+    np.testing.assert_allclose(got[["a", "b"]], want, atol=1e-12)
+    assert got["mean"] == pytest.approx(np.mean(want))
+
+
+def test_linear_probe_transfers_a_shared_direction_and_not_noise():
+    # toy stores: anomalous images carry a shift along one direction shared by all categories,
+    # in the global feature and in their patch tokens. A probe fitted on three categories
+    # transfers to two unseen ones; with the global feature replaced by noise it cannot.
+    train, test = toy_store(["a", "b", "c"], 20, seed=1), toy_store(["d", "e"], 20, seed=2)
+    assert linear_probe_auroc(train, test, feature="patch_mean")["mean"] > 0.9
+    assert linear_probe_auroc(train, test, feature="global")["mean"] > 0.9
+
+    def noise_global(store, seed):
+        g = torch.randn(store.feats.global_.shape, generator=torch.Generator().manual_seed(seed))
+        return dataclasses.replace(store, feats=ImageFeatures(g, store.feats.patches))
+
+    blind = linear_probe_auroc(noise_global(train, 5), noise_global(test, 6), feature="global")
+    assert abs(blind["mean"] - 0.5) < 0.2
+    with pytest.raises(ValueError, match="'global' or 'patch_mean'"):
+        linear_probe_auroc(train, test, feature="cls")
