@@ -119,3 +119,23 @@ def test_spliced_word_embeddings_reproduce_the_plain_text(tiny_backbone):
     feats = bb.encode_text_embeddings(seq[:, 0, 0, 0], sk.eot)
     ref = bb.encode_text([f"a photo damaged {class_words(c)}" for c in names])
     torch.testing.assert_close(feats, ref, atol=1e-5, rtol=0)
+
+
+def test_a_constant_shift_of_the_tokens_is_invisible_to_the_text_tower(tiny_backbone):
+    # The reference init puts the normal states at +0.5 and the abnormal at -0.5 in every
+    # dimension (REFERENCE.md, "Prompts"). A shift c * 1 is removed by LayerNorm exactly,
+    # LN(x + c 1) = LN(x), and every block of the pre-LN text tower reads its input through LN
+    # (ln_final closes it): the +-0.5 alone makes normal and abnormal states no different.
+    bb = tiny_backbone
+    sk = build_skeleton(bb.tokenize, ["bottle"], 5, 5)
+    bank = PromptBank(1, 5, 5, bb.text_width, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        bank.abnormal.copy_(bank.normal - 1.0)  # the same noise, the mean moved from +0.5 to -0.5
+        zeros = torch.zeros(1, 1, bb.text_width)
+        seq = bank.sequences(bb.token_embedding(sk.ids), zeros, zeros.expand(2, 1, -1, -1))
+        normal = bb.encode_text_embeddings(seq[:, 0, 0, 0], sk.eot)
+        abnormal = bb.encode_text_embeddings(seq[:, 0, 0, 1], sk.eot)
+        moved = bb.encode_text_embeddings(seq[:, 0, 0, 0] + 0.3 * torch.randn(
+            seq.shape[-1], generator=torch.Generator().manual_seed(1)), sk.eot)
+    torch.testing.assert_close(abnormal, normal, atol=1e-5, rtol=0)
+    assert (moved - normal).abs().max() > 1e-2  # a non-constant shift does change the feature
