@@ -285,11 +285,26 @@ def evaluate(method: Method, store: FeatureStore, cfg: EvalConfig | None = None,
     return result
 
 
+def _relative_to_root(path: str, dataset) -> str:
+    """``path`` relative to the dataset's root folder when it lies inside it (so that a figure's
+    CSV is the same on every machine), else unchanged."""
+    while dataset is not None and getattr(dataset, "root", None) is None:
+        dataset = getattr(dataset, "dataset", None)
+    root = getattr(dataset, "root", None)
+    if root is None:
+        return path
+    try:
+        return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return path
+
+
 def qualitative_figures(store: FeatureStore, pred: PredictionSet, figures_dir: str | Path,
                         name: str, prefix: str = "", per_category: int = 4) -> list[Path]:
     """One figure per category: its first ``per_category`` anomalous test images with the
     ground-truth outline (top) and the smoothed map (bottom, min-max over the figure's maps,
-    as the paper's qualitative figures A.10-A.34), saved with the CSV behind it."""
+    as the paper's qualitative figures A.10-A.34), saved with the CSV behind it (image paths
+    relative to the dataset's root)."""
     import matplotlib.pyplot as plt
 
     from pfl.preprocess import denormalize
@@ -309,7 +324,8 @@ def qualitative_figures(store: FeatureStore, pred: PredictionSet, figures_dir: s
                                 titles=[Path(pred.paths[i]).name for i in rows])
         fig.suptitle(f"{name} / {c}", fontsize=9)
         csv = pd.DataFrame({
-            "path": [pred.paths[i] for i in rows], "label": [int(pred.labels[i]) for i in rows],
+            "path": [_relative_to_root(pred.paths[i], store.dataset) for i in rows],
+            "label": [int(pred.labels[i]) for i in rows],
             "score": [float(pred.scores[i]) for i in rows],
             "map_min": [float(pred.maps[i].min()) for i in rows],
             "map_max": [float(pred.maps[i].max()) for i in rows],

@@ -187,3 +187,18 @@ def test_linear_probe_transfers_a_shared_direction_and_not_noise():
     assert abs(blind["mean"] - 0.5) < 0.2
     with pytest.raises(ValueError, match="'global' or 'patch_mean'"):
         linear_probe_auroc(train, test, feature="cls")
+
+
+def test_figure_csv_paths_are_relative_to_the_dataset_root(tmp_path):
+    from types import SimpleNamespace
+
+    from pfl.evaluate import _relative_to_root
+
+    inner = SimpleNamespace(root=tmp_path / "data")
+    wrapped = SimpleNamespace(root=None, dataset=inner)  # e.g. a subset of the dataset
+    inside = str(tmp_path / "data" / "target" / "cat" / "000.png")
+    assert _relative_to_root(inside, inner) == "target/cat/000.png"
+    assert _relative_to_root(inside, wrapped) == "target/cat/000.png"
+    outside = str(tmp_path / "elsewhere.png")
+    assert _relative_to_root(outside, inner) == outside
+    assert _relative_to_root(inside, None) == inside
