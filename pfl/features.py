@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sys
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
@@ -489,3 +490,34 @@ def profile_store(profile, backbone: Backbone, name: str, split: str = "test", *
     if cache == "none":
         return StreamingStore(backbone, ds)
     return extract(backbone, ds, cache=cache, progress=progress, desc=f"{name}/{split}")
+
+
+def pattern_store(backbone: Backbone, pairs: int = 160, seed: int = 999, batch: int = 32,
+                  defect_area: tuple[float, float] = (0.002, 0.05)) -> FeatureStore:
+    """Fresh pairs of the tiny CLIP's pretraining domain, encoded by the frozen ``backbone``.
+
+    Flawless and defective pattern images drawn as in pretraining
+    (:func:`pfl.pretrain.draw_batch`) but from the data stream of ``seed`` (the shipped run
+    used seed 0), at the backbone's image size, with defects of the evaluation's size by
+    default. Returns a :class:`FeatureStore` with one category, ``"patterns"`` (flawless and
+    defective alternate), so that what the tower learned in its own domain can be compared
+    with what transfers to photographs, e.g. with :func:`pfl.evaluate.linear_probe_auroc`.
+    """
+    from pfl.pretrain import PretrainConfig, make_batch
+
+    cfg = PretrainConfig(batch=batch, image_size=backbone.image_size, final_size=None,
+                         seed=seed, defect_area=tuple(defect_area), zoom=0.0)
+    feats, masks, labels = [], [], []
+    with torch.no_grad():
+        for step in range(math.ceil(pairs / batch)):
+            b = make_batch(cfg, step, patch=backbone.image_size // backbone.grid[0])
+            f = backbone.encode_image(b.images)
+            feats.append(ImageFeatures(f.global_, f.patches.half()))
+            masks.append(b.masks.to(torch.uint8))
+            labels += [int(k != "") for k in b.kinds]
+    n = 2 * pairs
+    return FeatureStore(
+        ImageFeatures(torch.cat([f.global_ for f in feats])[:n],
+                      torch.cat([f.patches for f in feats])[:n]),
+        masks=torch.cat(masks)[:n], labels=torch.tensor(labels[:n]),
+        cls_names=["patterns"] * n, paths=[f"patterns/{seed}/{i:04d}" for i in range(n)])

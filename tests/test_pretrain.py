@@ -16,6 +16,7 @@ from PIL import Image
 
 from pfl import pretrain as P
 from pfl.backbone import ASSETS, load_weights
+from pfl.features import pattern_store
 
 RECORD = ASSETS / "tiny_clip.json"
 WEIGHTS = ASSETS / "tiny_clip.safetensors"
@@ -244,3 +245,15 @@ def test_record_first_losses_reproduce(tmp_path):
     history = P.pretrain(cfg, tmp_path, stop_after=2, progress=False)
     got = [h["loss"] for h in history]
     assert got == pytest.approx(record["first_losses"][:2], abs=1e-6)
+
+
+def test_pattern_store_is_balanced_deterministic_and_apart_from_training(tiny_backbone):
+    a = pattern_store(tiny_backbone, pairs=5, batch=2)
+    assert len(a) == 10 and a.classes == ["patterns"]
+    assert a.labels.tolist() == [0, 1] * 5  # flawless, defective, pair by pair
+    assert a.masks[0::2].sum() == 0 and (a.masks[1::2].flatten(1).sum(1) > 0).all()
+    assert a.masks.shape[-1] == tiny_backbone.image_size
+    b = pattern_store(tiny_backbone, pairs=5, batch=2)
+    assert torch.equal(a.feats.global_, b.feats.global_)
+    other = pattern_store(tiny_backbone, pairs=5, batch=2, seed=0)  # the training stream
+    assert not torch.equal(a.feats.global_, other.feats.global_)
