@@ -27,6 +27,7 @@ peers) have no R and ignore it.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -191,17 +192,15 @@ def predict_store(method: Method, store: FeatureStore, cfg: EvalConfig | None = 
     train_mode = getattr(method, "train", None)
     if callable(train_mode):
         train_mode(False)
-    samples = getattr(method, "inference_samples", None)
-    if cfg.mc_samples is not None and callable(samples):
-        with samples(cfg.mc_samples):
-            return predict_store(method, store, replace(cfg, mc_samples=None),
-                                 progress=progress, desc=desc)
+    samples = getattr(method, "inference_samples", None)  # R, for methods that sample
+    scope = (samples(cfg.mc_samples) if cfg.mc_samples is not None and callable(samples)
+             else nullcontext())
     gen = torch.Generator().manual_seed(cfg.seed)
     sigma = scaled_sigma(cfg.sigma, store.image_size)
     maps, scores, masks, labels, names, paths = [], [], [], [], [], []
     bar = tqdm(total=len(store), desc=desc, unit="img", disable=not progress_enabled(progress))
     needs_images = bool(getattr(method, "needs_images", False))
-    with torch.no_grad():
+    with torch.no_grad(), scope:
         for batch in store.batches(cfg.batch_size, with_images=needs_images):
             pred = method.predict(batch, gen)
             if pred.maps.shape != batch.masks.shape:

@@ -506,7 +506,7 @@ def pattern_store(backbone: Backbone, pairs: int = 160, seed: int = 999, batch: 
     from pfl.pretrain import PretrainConfig, make_batch
 
     cfg = PretrainConfig(batch=batch, image_size=backbone.image_size, final_size=None,
-                         seed=seed, defect_area=tuple(defect_area), zoom=0.0)
+                         seed=seed, defect_area=defect_area, zoom=0.0)
     feats, masks, labels = [], [], []
     with torch.no_grad():
         for step in range(math.ceil(pairs / batch)):

@@ -479,9 +479,7 @@ class BayesPFL(nn.Module):
 
     @contextmanager
     def inference_samples(self, n_samples: int):
-        """Use R = ``n_samples`` at inference inside the ``with`` block (``EvalConfig.mc_samples``).
-
-        """
+        """R = ``n_samples`` at inference inside the ``with`` block (``EvalConfig.mc_samples``)."""
         if int(n_samples) < 1:
             raise ValueError(f"inference_samples: R must be >= 1, got {n_samples}")
         saved = self.cfg
