@@ -27,7 +27,7 @@ Usage::
 
 ``paper-random`` builds ViT-L-14-336 at 518 px with a random init (timing does not need the
 weights; nothing is downloaded). Timings depend on the machine: compare ratios, not
-milliseconds. ``--results`` fills the metric columns from a :class:`pfl.results.Results` CSV
+milliseconds. ``--results`` fills the metric columns from a :class:`pfl.run.results.Results` CSV
 (e.g. the one notebook 07 writes); without it they are left empty, because untrained methods
 on random images have no metrics worth printing.
 """
@@ -35,28 +35,18 @@ on random images have no metrics worth printing.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
-import math
-import os
-import resource
-import statistics
-import sys
-import threading
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pfl.backbone import Backbone, create_clip  # noqa: E402
-from pfl.baselines import REGISTRY, build  # noqa: E402
-from pfl.config import BackboneConfig, ModelConfig  # noqa: E402
-from pfl.method import Batch, Prediction  # noqa: E402
-from pfl.model import BayesPFL  # noqa: E402
-from pfl.prompts import class_words, template_text  # noqa: E402
+from pfl.baselines import REGISTRY, build
+from pfl.clip.backbone import Backbone, create_clip
+from pfl.config import BackboneConfig, ModelConfig
+from pfl.method.contract import Batch, Prediction
+from pfl.method.model import BayesPFL
+from pfl.method.prompts import class_words, template_text
+from pfl.run.timing import measure
 
 PROFILES = {
     "smoke": BackboneConfig(model_name="pfl-tiny", image_size=224),
@@ -180,88 +170,10 @@ def reference_bayes_pfl(model: BayesPFL, images: torch.Tensor, cls_names: list[s
     return torch.stack(maps), torch.stack(scores)
 
 
-# --- measuring ---------------------------------------------------------------------------------
-def _malloc_trim() -> None:
-    """Give freed heap pages back to the OS (glibc), so the RSS before a method is its floor."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-class PeakMemory:
-    """Peak memory (bytes) while the block runs: total, and rise above the level at entry."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.peak, self.start = device, math.nan, math.nan
-
-    @staticmethod
-    def _rss() -> float:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except OSError:  # not Linux: the process's lifetime peak (cannot be reset)
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
-
-    def __enter__(self):
-        gc.collect()
-        _malloc_trim()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.start = torch.cuda.memory_allocated(self.device)
-        else:
-            self.start = self.peak = self._rss()
-            self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
-            time.sleep(0.0005)
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak, self._rss())
-        return False
-
-
-def run_once(method, images: torch.Tensor, cls_names: list[str], device: torch.device
-             ) -> tuple[float, Prediction]:
-    """Seconds for one batch, from pixels (a fresh Batch: nothing cached from a previous run)."""
-    batch = Batch(cls_names=cls_names, images=images)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        pred = method.predict(batch, torch.Generator().manual_seed(0))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - t0, pred
-
-
-def measure(method, images, cls_names, device, repeats: int) -> dict:
-    run_once(method, images, cls_names, device)  # warm-up: caches, allocator, kernels
-    times = []
-    with PeakMemory(device) as mem:
-        for _ in range(repeats):
-            times.append(run_once(method, images, cls_names, device)[0])
-    n = images.shape[0]
-    return {"ms": 1e3 * statistics.median(times) / n, "peak_mb": mem.peak / 2**20,
-            "rise_mb": (mem.peak - mem.start) / 2**20}
-
-
 def metric_cells(results_csv: str | None, dataset: str, method: str) -> list[str]:
     if results_csv is None:
         return ["" for _ in METRIC_COLUMNS]
-    from pfl.results import Results
+    from pfl.run.results import Results
 
     frame = Results.from_csv(results_csv).frame
     f = frame[(frame["dataset"] == dataset) & (frame["method"] == method)]

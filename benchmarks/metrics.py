@@ -18,7 +18,7 @@ import time
 import numpy as np
 from scipy import ndimage
 
-from pfl import metrics
+from pfl.run import metrics
 
 
 def synthetic_maps(n: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

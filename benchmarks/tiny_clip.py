@@ -4,7 +4,7 @@ Issue 10's evidence. On the synthetic ``target`` domain (categories and backgrou
 in pretraining or auxiliary training; defect kinds from the same generator as pretraining):
 
 (a) **zero-shot**, training-free: last-block patch tokens through ``ln_post`` and the projection
-    against the "normal"/"abnormal" prompt ensemble of :mod:`pfl.zeroshot` ("object"), a two-way
+    against the "normal"/"abnormal" prompt ensemble of pfl.clip.zeroshot ("object"), a two-way
     softmax per patch (WinCLIP/APRIL-GAN's start); image score: the CLS feature against the
     same text ("CLS") and the map's maximum ("max").
 (b) **heads**: APRIL-GAN-style per-layer linear adapters (:class:`LayerAdapters`) on the 4
@@ -12,7 +12,7 @@ in pretraining or auxiliary training; defect kinds from the same generator as pr
     text (logit scale 5, REFERENCE.md "Measured"); map = mean over layers; image score: max.
 (c) **colour**: distance of each pixel's RGB to the image's median colour; learns nothing.
 
-Maps are blurred with sigma 3.46 px (8 px at 518, scaled) before the metrics (pfl.evaluate).
+Maps are blurred with sigma 3.46 px (8 px at 518, scaled) before the metrics (pfl.run.evaluate).
 AUROC per category, then the mean over categories. Two uncertainties are printed: ``sd seeds``
 (heads' init and order, and the random tower's init, across ``--seeds``) and ``s.e. data`` (a
 bootstrap over test images within each category, the same resamples for every row).
@@ -33,21 +33,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pfl.backbone import TINY_WEIGHTS, Backbone, load_weights  # noqa: E402
-from pfl.baselines.aprilgan import (  # noqa: E402
+from pfl.baselines.aprilgan import (
     LayerAdapters,
     pair_logit_diff,
     segmentation_loss,
     upsample_probs,
 )
-from pfl.data import AnomalyDataset, collate  # noqa: E402
-from pfl.evaluate import scaled_sigma, smooth_maps  # noqa: E402
-from pfl.preprocess import denormalize  # noqa: E402
-from pfl.pretrain import init_clip  # noqa: E402
-from pfl.synthetic import ensure_benchmark  # noqa: E402
-from pfl.zeroshot import text_pair  # noqa: E402
+from pfl.clip.backbone import TINY_WEIGHTS, Backbone, load_weights
+from pfl.clip.pretrain import init_clip
+from pfl.clip.zeroshot import text_pair
+from pfl.data.dataset import AnomalyDataset, collate
+from pfl.data.preprocess import denormalize
+from pfl.data.synthetic import ensure_benchmark
+from pfl.run.evaluate import scaled_sigma, smooth_maps
 
 
 @dataclass

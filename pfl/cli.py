@@ -17,7 +17,7 @@ def _add_demo(sub) -> None:
 
 
 def _run_demo(args) -> int:
-    from pfl.demo import run
+    from pfl.run.demo import run
 
     run(out=args.out)
     return 0
@@ -26,7 +26,7 @@ def _run_demo(args) -> int:
 def _add_pretrain(sub) -> None:
     import dataclasses
 
-    from pfl.pretrain import PretrainConfig
+    from pfl.clip.pretrain import PretrainConfig
 
     p = sub.add_parser("pretrain", help="pretrain the tiny CLIP on procedural patterns (resumable)")
     p.add_argument("--out", default="runs/tiny_clip", help="folder for checkpoints and weights")
@@ -61,7 +61,7 @@ def _run_pretrain(args) -> int:
     import dataclasses
     import shlex
 
-    from pfl.pretrain import PretrainConfig, command_line, pretrain
+    from pfl.clip.pretrain import PretrainConfig, command_line, pretrain
 
     changes = {}
     for f in dataclasses.fields(PretrainConfig):
@@ -85,7 +85,7 @@ def _run_pretrain(args) -> int:
 
 
 def _add_data(sub) -> None:
-    from pfl.datasets import ADAPTERS
+    from pfl.data.adapters import ADAPTERS
 
     p = sub.add_parser("data", help="build the offline benchmark, or index a published dataset")
     dsub = p.add_subparsers(dest="data_command", required=True)
@@ -114,7 +114,7 @@ def _add_data(sub) -> None:
 def _run_data_synth(args) -> int:
     import time
 
-    from pfl.synthetic import SynthConfig, build_benchmark
+    from pfl.data.synthetic import SynthConfig, build_benchmark
 
     changes = {"seed": args.seed}
     for key, val in (("image_size", args.size), ("n_test_normal", args.n_normal),
@@ -137,7 +137,7 @@ def _run_data_synth(args) -> int:
 
 
 def _run_data_convert(args) -> int:
-    from pfl.datasets import convert
+    from pfl.data.adapters import convert
 
     try:
         print(convert(args.dataset, args.root, out=args.out))
@@ -160,7 +160,7 @@ def _add_train(sub) -> None:
 
 def _run_train(args) -> int:
     from pfl.config import active
-    from pfl.train import train_profile
+    from pfl.run.train import train_profile
 
     profile = active()
     changes = {k: v for k, v in (("epochs", args.epochs), ("seed", args.seed)) if v is not None}
@@ -195,7 +195,7 @@ def _add_evaluate(sub) -> None:
 
 
 def _run_evaluate(args) -> int:
-    from pfl.evaluate import evaluate_run, summary_frame
+    from pfl.run.evaluate import evaluate_run, summary_frame
 
     out = args.out or f"{args.checkpoint}/eval"
     try:
@@ -223,7 +223,7 @@ def _add_predict(sub) -> None:
 
 
 def _run_predict(args) -> int:
-    from pfl.predict import predict_checkpoint
+    from pfl.run.predict import predict_checkpoint
 
     try:
         table = predict_checkpoint(args.checkpoint, args.images, args.out,
@@ -259,7 +259,7 @@ def _add_figures(sub) -> None:
 def _run_figures(args) -> int:
     import hashlib
 
-    from pfl import figures
+    from pfl.viz import figures
 
     nb_dir, fig_dir = figures.default_dirs()
     nb_dir = args.notebooks or nb_dir

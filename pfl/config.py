@@ -27,7 +27,7 @@ PROFILES = ("smoke", "paper")
 class BackboneConfig:
     """The frozen CLIP (REFERENCE.md, "Backbone")."""
 
-    model_name: str = "pfl-tiny"  # open_clip config name; "pfl-tiny" ships inside pfl/assets
+    model_name: str = "pfl-tiny"  # open_clip config name; "pfl-tiny" ships inside pfl/clip/assets
     image_size: int = 224  # input side; positional embeddings are resized to it
     layers: tuple[int, ...] | None = None  # 1-based blocks to tap; None: 4 evenly spaced
     weights: str | None = None  # local weights file; None: shipped tiny weights or random init

@@ -1,4 +1,4 @@
-"""A toy :class:`pfl.method.Method` and toy cached features, to test the harness apart from
+"""A toy :class:`pfl.method.contract.Method` and toy cached features, to test the harness apart from
 Bayes-PFL: per-layer linear heads on the patch tokens and a linear head on the global feature.
 
 Toy data: a 4 x 4 patch grid upsampled to 16 px, L = 2 layers of width 8. An anomalous
@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pfl.backbone import ImageFeatures
-from pfl.features import FeatureStore
-from pfl.method import Batch, Prediction, StepLoss
+from pfl.clip.backbone import ImageFeatures
+from pfl.method.contract import Batch, Prediction, StepLoss
+from pfl.run.features import FeatureStore
 
 GRID, SIZE, LAYERS, WIDTH, EMBED = 4, 16, 2, 8, 6
 

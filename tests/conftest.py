@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pfl.backbone import Backbone
+from pfl.clip.backbone import Backbone
 from pfl.config import BackboneConfig
 
 

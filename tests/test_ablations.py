@@ -1,4 +1,4 @@
-"""Ablation sweeps, Table A.2 runs and the Figure A.4 t-SNE helpers (pfl.ablations)."""
+"""Ablation sweeps, Table A.2 runs and the Figure A.4 t-SNE helpers (pfl.viz.ablations)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import pandas as pd
 import pytest
 import torch
 
-from pfl import ablations
-from pfl.backbone import Backbone, ImageFeatures
+from pfl.clip.backbone import Backbone, ImageFeatures
 from pfl.config import BackboneConfig, EvalConfig, ModelConfig, TrainConfig
-from pfl.features import FeatureStore
-from pfl.metrics import METRICS
-from pfl.model import BayesPFL
+from pfl.method.model import BayesPFL
+from pfl.run.features import FeatureStore
+from pfl.run.metrics import METRICS
+from pfl.viz import ablations
 
 SIZE = 56  # 4 x 4 patches of 14 px: the smallest tower that runs
 

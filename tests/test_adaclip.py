@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 from conftest import adam_steps
 
-from pfl.backbone import Backbone
 from pfl.baselines import build
 from pfl.baselines.adaclip import (
     AdaCLIP,
@@ -14,8 +13,9 @@ from pfl.baselines.adaclip import (
     hsf_official,
     hsf_paper,
 )
-from pfl.method import Batch, Method
-from pfl.prompts import PLACEHOLDER
+from pfl.clip.backbone import Backbone
+from pfl.method.contract import Batch, Method
+from pfl.method.prompts import PLACEHOLDER
 
 
 def _batch(backbone: Backbone, n: int = 4, seed: int = 0, classes=("bottle", "metal_nut")) -> Batch:

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pfl.backbone import (
+from pfl.clip.backbone import (
     Backbone,
     MissingWeightsError,
     create_clip,

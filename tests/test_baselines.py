@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 from conftest import adam_steps
 
-from pfl.backbone import Backbone, create_clip
 from pfl.baselines import build
 from pfl.baselines.anomalyclip import (
     AnomalyCLIP,
@@ -24,8 +23,9 @@ from pfl.baselines.winclip import (
     window_indices,
     window_membership,
 )
+from pfl.clip.backbone import Backbone, create_clip
 from pfl.config import BackboneConfig
-from pfl.method import Batch, Method
+from pfl.method.contract import Batch, Method
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ import pytest
 import torch
 from conftest import adam_steps
 
-from pfl.backbone import Backbone
 from pfl.baselines import build
 from pfl.baselines.anomalyclip import vv_attention
 from pfl.baselines.clipad import (
@@ -14,7 +13,8 @@ from pfl.baselines.clipad import (
     feature_surgery,
     surgery_weights,
 )
-from pfl.method import Batch, Method
+from pfl.clip.backbone import Backbone
+from pfl.method.contract import Batch, Method
 
 
 def _orthonormal(n: int, dim: int, seed: int = 0) -> torch.Tensor:

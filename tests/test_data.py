@@ -1,4 +1,4 @@
-"""Tests of pfl.data: AnomalyDataset over meta.json, collate, augmentations, bad input."""
+"""Tests of pfl.data.dataset: AnomalyDataset over meta.json, collate, augmentations, bad input."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pfl.data import AnomalyDataset, Augment, BadSampleError, collate
-from pfl.preprocess import image_to_tensor, mask_to_tensor
+from pfl.data.dataset import AnomalyDataset, Augment, BadSampleError, collate
+from pfl.data.preprocess import image_to_tensor, mask_to_tensor
 
 
 def entry(img: str, mask: str, cls: str, anomaly: int) -> dict:
@@ -210,7 +210,7 @@ def test_fingerprint_follows_file_content(tmp_path):
 
 
 def test_meta_counts_and_mask_areas(tmp_path):
-    from pfl.data import mask_areas, meta_counts
+    from pfl.data.dataset import mask_areas, meta_counts
 
     make_root(tmp_path, n=2, size=20)
     assert meta_counts(tmp_path) == [

@@ -1,4 +1,4 @@
-"""Each adapter of pfl.datasets on a miniature tree fabricated in its published layout."""
+"""Each adapter of pfl.data.adapters on a miniature tree fabricated in its published layout."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pfl.data import AnomalyDataset, collate
-from pfl.datasets import ADAPTERS, adapter, convert
+from pfl.data.adapters import ADAPTERS, adapter, convert
+from pfl.data.dataset import AnomalyDataset, collate
 
 
 def img(path: Path, value: int = 100, size=(12, 10), mode="RGB") -> Path:

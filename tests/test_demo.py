@@ -27,7 +27,7 @@ def mini(tmp_path, monkeypatch):
 
 
 def test_demo_runs_from_nothing(mini, tmp_path, capsys):
-    from pfl.demo import run
+    from pfl.run.demo import run
 
     out = run(tmp_path / "demo", profile=mini, progress=False)
     printed = capsys.readouterr().out

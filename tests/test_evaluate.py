@@ -1,4 +1,4 @@
-"""pfl.evaluate: the blur, the image-score recipes, the metrics path, tables and figures."""
+"""pfl.run.evaluate: the blur, the image-score recipes, the metrics path, tables and figures."""
 
 import contextlib
 import dataclasses
@@ -11,9 +11,10 @@ from _toy import SIZE, ToyMethod, toy_store
 from scipy.stats import norm
 from sklearn.metrics import roc_auc_score
 
-from pfl.backbone import ImageFeatures
+from pfl.clip.backbone import ImageFeatures
 from pfl.config import EvalConfig
-from pfl.evaluate import (
+from pfl.method.contract import Prediction
+from pfl.run.evaluate import (
     evaluate,
     evaluate_all,
     image_auroc_by_category,
@@ -26,8 +27,7 @@ from pfl.evaluate import (
     smooth_maps,
     topk_mean,
 )
-from pfl.method import Prediction
-from pfl.metrics import evaluate_records
+from pfl.run.metrics import evaluate_records
 
 
 class Oracle(ToyMethod):
@@ -98,7 +98,7 @@ def test_evaluate_equals_metrics_on_the_smoothed_maps():
 
 
 def test_oracle_scores_one_and_tables_and_figures_are_written(tmp_path):
-    from pfl.results import Table
+    from pfl.run.results import Table
 
     class Images:  # what the qualitative figure reads back
         def __getitem__(self, i):
@@ -192,7 +192,7 @@ def test_linear_probe_transfers_a_shared_direction_and_not_noise():
 def test_figure_csv_paths_are_relative_to_the_dataset_root(tmp_path):
     from types import SimpleNamespace
 
-    from pfl.evaluate import _relative_to_root
+    from pfl.run.evaluate import _relative_to_root
 
     inner = SimpleNamespace(root=tmp_path / "data")
     wrapped = SimpleNamespace(root=None, dataset=inner)  # e.g. a subset of the dataset

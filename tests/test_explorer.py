@@ -9,14 +9,14 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from pfl.backbone import Backbone
 from pfl.baselines import AprilGAN
+from pfl.clip.backbone import Backbone
 from pfl.config import BackboneConfig, EvalConfig, ModelConfig
-from pfl.evaluate import scaled_sigma, smooth_maps
-from pfl.explorer import Explorer, per_image_metrics
-from pfl.features import encode_dataset
-from pfl.model import BayesPFL
-from pfl.preprocess import image_to_tensor
+from pfl.data.preprocess import image_to_tensor
+from pfl.method.model import BayesPFL
+from pfl.run.evaluate import scaled_sigma, smooth_maps
+from pfl.run.features import encode_dataset
+from pfl.viz.explorer import Explorer, per_image_metrics
 
 SIZE = 56
 
@@ -159,7 +159,6 @@ def test_dataset_and_category_choices_follow_each_other(explorer, setup):
 
 
 def test_bad_inputs_and_the_viz_entry_point(setup):
-    from pfl import viz
 
     _, stores, bayes, _ = setup
     store = stores["one"]
@@ -169,4 +168,3 @@ def test_bad_inputs_and_the_viz_entry_point(setup):
         Explorer({"Bayes-PFL": bayes}, {"x": bare})
     with pytest.raises(ValueError, match="at least one method"):
         Explorer({}, stores)
-    assert isinstance(viz.explorer({"Bayes-PFL": bayes}, stores), Explorer)

@@ -1,4 +1,4 @@
-"""pfl.features: cached frozen-tower features equal a direct encode; the disk cache is keyed by
+"""pfl.run.features: cached frozen-tower features equal a direct encode; the disk cache is keyed by
 weights and data; batches cover every sample once; fp16 storage leaves metrics unchanged."""
 
 import copy
@@ -9,14 +9,14 @@ import torch
 from _toy import ToyMethod, toy_store
 
 from pfl.config import EvalConfig
-from pfl.features import FeatureStore, cache_key, clear_memory_cache, extract
-from pfl.method import Prediction
+from pfl.method.contract import Prediction
+from pfl.run.features import FeatureStore, cache_key, clear_memory_cache, extract
 
 S = 112  # the tiny_backbone fixture's input size
 
 
 class FakeDataset:
-    """Six random images in two categories; the interface of pfl.data.AnomalyDataset."""
+    """Six random images in two categories; the interface of pfl.data.dataset.AnomalyDataset."""
 
     def __init__(self, n=6, seed=0, root="/fake"):
         g = torch.Generator().manual_seed(seed)
@@ -116,7 +116,7 @@ def test_save_load_roundtrip(tmp_path):
 
 
 def test_fp16_storage_does_not_change_metrics():
-    from pfl.evaluate import evaluate
+    from pfl.run.evaluate import evaluate
 
     store = toy_store(["a", "b", "c"], n_per_class=8, seed=2)
     half = FeatureStore(
@@ -140,10 +140,10 @@ def test_wrong_image_size_is_a_clear_error(tiny_backbone):
 
 
 def test_streaming_store_matches_cached_store_on_a_real_dataset(tiny_backbone, tmp_path):
-    from pfl.data import AnomalyDataset
-    from pfl.evaluate import evaluate
-    from pfl.features import StreamingStore
-    from pfl.synthetic import SynthConfig, build_benchmark
+    from pfl.data.dataset import AnomalyDataset
+    from pfl.data.synthetic import SynthConfig, build_benchmark
+    from pfl.run.evaluate import evaluate
+    from pfl.run.features import StreamingStore
 
     root = build_benchmark(tmp_path / "b", SynthConfig(
         n_test_normal=2, n_test_anomalous=2, n_train_normal=0, n_train_anomalous=0,

@@ -1,4 +1,4 @@
-"""Regenerating figures (pfl.figures, ``python -m pfl figures``) and stable figure bytes."""
+"""Regenerating figures (pfl.viz.figures, ``python -m pfl figures``) and stable figure bytes."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-from pfl import cli, figures, viz  # noqa: E402
+from pfl import cli, viz  # noqa: E402
 from pfl.config import repo_root  # noqa: E402
+from pfl.viz import figures
 
 
 def _summary() -> pd.DataFrame:
@@ -151,7 +152,7 @@ def test_regenerate_runs_in_order_and_rebuilds_identical_bytes(tmp_path):
     (figs / "README.md").write_text("keep")
     (figs / "stale.png").write_bytes(b"old")
     body = ("import numpy as np, pandas as pd, matplotlib\nmatplotlib.use('Agg')\n"
-            "import matplotlib.pyplot as plt\nfrom pfl.viz import save_figure\n"
+            "import matplotlib.pyplot as plt\nfrom pfl.viz.plots import save_figure\n"
             "rng = np.random.default_rng(0)\nx = rng.normal(size=50)\n"
             "fig, ax = plt.subplots(figsize=(2, 2)); ax.hist(x)\n")
     _write_notebook(nbs / "00_first.ipynb", body + "save_figure(fig, '../figures/00_hist.png', "

@@ -1,4 +1,4 @@
-"""Tests of pfl.flows: log-dets against autograd Jacobians, u-hat, q0, KL, vectorisation."""
+"""Tests of pfl.method.flows: log-dets against autograd Jacobians, u-hat, q0, KL, vectorisation."""
 
 import math
 
@@ -8,7 +8,7 @@ from torch.autograd.functional import jacobian
 from torch.distributions import Normal, kl_divergence
 
 from pfl import config
-from pfl.flows import (
+from pfl.method.flows import (
     GaussianEncoder,
     PromptFlow,
     draw_noise,

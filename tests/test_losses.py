@@ -1,4 +1,4 @@
-"""Tests of pfl.losses against hand-computed values and torch's own losses."""
+"""Tests of pfl.method.losses against hand-computed values and torch's own losses."""
 
 import math
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from pfl import config
-from pfl.losses import (
+from pfl.method.losses import (
     LossTerms,
     bayes_pfl_loss,
     ce_loss,

@@ -1,4 +1,4 @@
-"""Tests of pfl.metrics against scikit-learn, brute force and hand-computed values."""
+"""Tests of pfl.run.metrics against scikit-learn, brute force and hand-computed values."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-from pfl import metrics
+from pfl.run import metrics
 
 TOL = 1e-9
 

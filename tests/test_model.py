@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from pfl.config import ModelConfig, TrainConfig
-from pfl.method import Batch, Method
-from pfl.model import RCA, BayesPFL, mean_sigmoid_upsampled
+from pfl.method.contract import Batch, Method
+from pfl.method.model import RCA, BayesPFL, mean_sigmoid_upsampled
 
 CFG = ModelConfig(n_prompts=3, n_ctx=5, n_state=5, flow_length=4, mc_train=1, mc_test=3)
 NAMES = ["bottle", "pcb1", "metal_nut", "bottle"]

@@ -1,4 +1,4 @@
-"""Tests of pfl.patterns (procedural textures) and pfl.defects (painted defects, exact masks)."""
+"""Tests of pfl.data.patterns (procedural textures) and pfl.data.defects."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from pfl.defects import DEFECT_KINDS, DEFECT_WORDS, blob_mask, curve_mask, paint_defect
-from pfl.patterns import PATTERNS, pattern_field, pattern_image, random_pattern, value_noise
+from pfl.data.defects import DEFECT_KINDS, DEFECT_WORDS, blob_mask, curve_mask, paint_defect
+from pfl.data.patterns import PATTERNS, pattern_field, pattern_image, random_pattern, value_noise
 
 
 def test_pattern_names_are_caption_words():

@@ -1,4 +1,4 @@
-"""pfl.predict: the user's own images -> overlays at their own size + scores.csv with a
+"""pfl.run.predict: the user's own images -> overlays at their own size + scores.csv with a
 threshold; odd image modes are read; bad input names the file."""
 
 import numpy as np
@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pfl.method import Prediction
-from pfl.predict import collect_images, overlay, predict_images
+from pfl.method.contract import Prediction
+from pfl.run.predict import collect_images, overlay, predict_images
 
 
 class Brightness:
@@ -21,7 +21,7 @@ class Brightness:
         self.backbone = backbone
 
     def predict(self, batch, generator):
-        from pfl.preprocess import denormalize
+        from pfl.data.preprocess import denormalize
 
         x = torch.from_numpy(denormalize(batch.images)).mean(-1)  # (N, S, S)
         return Prediction(maps=x, scores=x.mean((1, 2)))

@@ -1,4 +1,4 @@
-"""Tests of pfl.pretrain: the losses against references, the shipped record, leaks, resume."""
+"""Tests of pfl.clip.pretrain: the losses against references, the shipped record, leaks, resume."""
 
 import builtins
 import io
@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pfl import pretrain as P
-from pfl.backbone import ASSETS, load_weights
-from pfl.features import pattern_store
+from pfl.clip import pretrain as P
+from pfl.clip.backbone import ASSETS, load_weights
+from pfl.run.features import pattern_store
 
 RECORD = ASSETS / "tiny_clip.json"
 WEIGHTS = ASSETS / "tiny_clip.safetensors"
@@ -118,7 +118,7 @@ def test_batches_are_pairs_with_exact_masks():
 
 
 def test_no_category_word_of_the_photo_domains_in_the_caption_vocabulary():
-    from pfl.synthetic import DOMAINS
+    from pfl.data.synthetic import DOMAINS
 
     vocab = P.caption_vocabulary()
     words = {w for d in ("aux", "target", "medical") for c in DOMAINS[d]
@@ -145,7 +145,7 @@ def test_pretraining_data_reads_no_file(monkeypatch):
     P.make_batch(P.PretrainConfig(batch=4, image_size=28), step=0)
 
 
-ROOT = Path(P.__file__).parents[1]
+ROOT = Path(P.__file__).parents[2]
 
 
 def _source(module: str) -> Path | None:
@@ -178,10 +178,10 @@ def _pfl_imports(module: str, seen: set[str]) -> set[str]:
 
 
 def test_pretrain_module_imports_nothing_of_the_photo_domains():
-    """pfl.pretrain and every pfl module below it import no photo source or dataset reader."""
-    imports = _pfl_imports("pfl.pretrain", set())
-    assert {"pfl.patterns", "pfl.defects"} <= imports
-    banned = ("pfl.synthetic", "pfl.data", "pfl.datasets", "skimage", "sklearn")
+    """pfl.clip.pretrain and every pfl module below it import no photo source or dataset reader."""
+    imports = _pfl_imports("pfl.clip.pretrain", set())
+    assert {"pfl.data.patterns", "pfl.data.defects"} <= imports
+    banned = ("pfl.data.synthetic", "pfl.data.dataset", "pfl.data.adapters", "skimage", "sklearn")
     assert not {m for m in imports if m.split(".")[0] in banned or
                 any(m == b or m.startswith(b + ".") for b in banned)}
 

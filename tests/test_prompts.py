@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pfl.prompts import (
+from pfl.method.prompts import (
     CLASS_WORDS,
     PromptBank,
     build_skeleton,

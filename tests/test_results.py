@@ -1,4 +1,4 @@
-"""Tests of pfl.results: long-form store, per-category tables, CSV and Markdown."""
+"""Tests of pfl.run.results: long-form store, per-category tables, CSV and Markdown."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pfl import metrics
-from pfl.results import MEAN, Results, Table
+from pfl.run import metrics
+from pfl.run.results import MEAN, Results, Table
 
 
 def filled(seeds=(0,)) -> Results:

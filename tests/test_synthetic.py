@@ -1,4 +1,4 @@
-"""Tests of pfl.synthetic: determinism, disjoint domains, the MVTec-like tree, caching."""
+"""Tests of pfl.data.synthetic: determinism, disjoint domains, the MVTec-like tree, caching."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 from skimage.registration import phase_cross_correlation
 
-from pfl.defects import DEFECT_KINDS
-from pfl.synthetic import (
+from pfl.data.defects import DEFECT_KINDS
+from pfl.data.synthetic import (
     DOMAINS,
     PRETRAIN_PATTERNS,
     STAMP,

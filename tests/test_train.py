@@ -1,4 +1,4 @@
-"""pfl.train: determinism, exact resume, NaN stop, optimiser groups and schedule, model
+"""pfl.run.train: determinism, exact resume, NaN stop, optimiser groups and schedule, model
 selection without target categories, several seeds. All on a toy method (tests/_toy.py)."""
 
 import json
@@ -10,16 +10,16 @@ import torch
 from _toy import RecordingStore, ToyMethod, toy_store
 from safetensors.torch import load_file
 
-from pfl.backbone import TINY_WEIGHTS
+from pfl.clip.backbone import TINY_WEIGHTS
 from pfl.config import EvalConfig, TrainConfig
-from pfl.train import (
+from pfl.run.checkpoints import build_method, load_checkpoint
+from pfl.run.train import (
     OFFICIAL_LRS,
     NonFiniteLossError,
     build_optimizer,
     fit,
     fit_seeds,
     holdout_split,
-    load_checkpoint,
 )
 
 AUX = ["a", "b", "c", "d"]
@@ -166,7 +166,7 @@ def test_monitor_is_recorded_but_does_not_change_training(aux, target, tmp_path)
     h = fit(watched, aux, CFG, tmp_path / "watched", eval_cfg=EVAL, monitor={"target": target},
             monitor_initial=True)
     assert_same(params(plain), params(watched))
-    from pfl.evaluate import evaluate
+    from pfl.run.evaluate import evaluate
 
     assert [r["epoch"] for r in h.epochs] == [0, 1, 2, 3]
     untrained = evaluate(ToyMethod(), target, EVAL).table.loc["mean"]
@@ -181,7 +181,7 @@ def test_monitor_is_recorded_but_does_not_change_training(aux, target, tmp_path)
 
 
 def test_trained_beats_untrained_on_unseen_categories(aux, target, tmp_path):
-    from pfl.evaluate import evaluate
+    from pfl.run.evaluate import evaluate
 
     before = evaluate(ToyMethod(), target, EVAL).table.loc["mean"]
     m = ToyMethod()
@@ -216,10 +216,9 @@ def test_bayes_pfl_trained_beats_untrained_zero_shot(tmp_path):
     is not asserted.
     """
     from pfl import config
-    from pfl.backbone import load_backbone
-    from pfl.evaluate import evaluate
-    from pfl.features import profile_store
-    from pfl.train import build_method
+    from pfl.clip.backbone import load_backbone
+    from pfl.run.evaluate import evaluate
+    from pfl.run.features import profile_store
 
     profile = config.smoke().replace(train={"epochs": 1})
     backbone = load_backbone(profile.backbone)

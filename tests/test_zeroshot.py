@@ -3,9 +3,9 @@
 import torch
 import torch.nn.functional as F
 
-from pfl.backbone import Backbone, create_clip
+from pfl.clip.backbone import Backbone, create_clip
+from pfl.clip.zeroshot import text_pair, zero_shot_maps
 from pfl.config import BackboneConfig
-from pfl.zeroshot import text_pair, zero_shot_maps
 
 
 def test_maps_equal_softmax_of_upsampled_pair():

@@ -1,7 +1,7 @@
 """Peer methods on the shared harness, by name (REFERENCE.md "Peers"; appendix A.2).
 
-Each peer is a :class:`pfl.method.Method`: the same backbone, data, training loop
-(:func:`pfl.train.fit`) and evaluation serve all, so a comparison differs only in the method.
+Each peer is a :class:`pfl.method.contract.Method`: the same backbone, data, training loop
+(:func:`pfl.run.train.fit`) and evaluation serve all, so a comparison differs only in the method.
 
 >>> sorted(REGISTRY)
 ['adaclip', 'anomalyclip', 'aprilgan', 'clipad', 'winclip']
@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import torch
 
-from pfl.backbone import Backbone
 from pfl.baselines.adaclip import AdaCLIP, AdaCLIPConfig
 from pfl.baselines.anomalyclip import AnomalyCLIP, AnomalyCLIPConfig
 from pfl.baselines.aprilgan import AprilGAN, AprilGANConfig
 from pfl.baselines.clipad import CLIPAD, CLIPADConfig
 from pfl.baselines.winclip import WinCLIP, WinCLIPConfig
+from pfl.clip.backbone import Backbone
 
 REGISTRY = {"winclip": WinCLIP, "aprilgan": AprilGAN, "clipad": CLIPAD,
             "anomalyclip": AnomalyCLIP, "adaclip": AdaCLIP}

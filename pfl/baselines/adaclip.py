@@ -12,11 +12,11 @@ frozen; what learns is
 * the patch adapters (one linear map per tapped layer, APRIL-GAN's
   :class:`~pfl.baselines.aprilgan.LayerAdapters`) and a linear map of the global feature.
 
-The prompts enter the towers through :class:`pfl.backbone.Backbone`'s ``deep_prompts`` paths:
+The prompts enter the towers through :class:`pfl.clip.backbone.Backbone`'s ``deep_prompts`` paths:
 in the image tower they are extra tokens appended before block 0 and replaced before each of
-the first J blocks (VPT-deep; :meth:`~pfl.backbone.Backbone.encode_image`), in the text tower
+the first J blocks (VPT-deep; :meth:`~pfl.clip.backbone.Backbone.encode_image`), in the text tower
 they overwrite n placeholder tokens right after SOS before each of the first J blocks
-(:meth:`~pfl.backbone.Backbone.encode_text_embeddings`). Because the visual prompts change the
+(:meth:`~pfl.clip.backbone.Backbone.encode_text_embeddings`). Because the visual prompts change the
 image tower, AdaCLIP cannot use cached features: it reads ``Batch.images``.
 
 The text is AdaCLIP's small ensemble, 7 normal and 5 abnormal states (the WinCLIP state words)
@@ -68,13 +68,13 @@ from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 from torch import Tensor, nn
 
-from pfl.backbone import Backbone, ImageFeatures
 from pfl.baselines.aprilgan import LayerAdapters, pair_logit_diff, segmentation_loss
 from pfl.baselines.winclip import WINCLIP_ABNORMAL_STATES, WINCLIP_NORMAL_STATES
-from pfl.losses import focal_loss
-from pfl.method import Batch, Prediction, StepLoss
-from pfl.prompts import PLACEHOLDER, class_words
-from pfl.zeroshot import state_prompts
+from pfl.clip.backbone import Backbone, ImageFeatures
+from pfl.clip.zeroshot import state_prompts
+from pfl.method.contract import Batch, Prediction, StepLoss
+from pfl.method.losses import focal_loss
+from pfl.method.prompts import PLACEHOLDER, class_words
 
 # AdaCLIP's text ensemble: the WinCLIP state words (7 normal, 5 abnormal) in 4 templates.
 ADACLIP_TEMPLATES = (
@@ -188,7 +188,7 @@ class AdaCLIPConfig:
 
 
 class AdaCLIP(nn.Module):
-    """AdaCLIP on the shared harness (:class:`pfl.method.Method`); reads ``Batch.images``.
+    """AdaCLIP on the shared harness (:class:`pfl.method.contract.Method`); reads ``Batch.images``.
 
     Args:
         backbone: the frozen tower.
@@ -247,7 +247,7 @@ class AdaCLIP(nn.Module):
                 yield p
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Learning-rate groups of :func:`pfl.train.build_optimizer` (``official``): the static
+        """Learning-rate groups of :func:`pfl.run.train.build_optimizer` (``official``): the static
         prompts as "prompts"; the prompt generators, adapters and global map as "rest"."""
         prompts = list(self.static.parameters())
         chosen = {id(p) for p in prompts}

@@ -34,11 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pfl.backbone import Backbone, ImageFeatures
 from pfl.baselines.aprilgan import pair_logit_diff, segmentation_loss, upsample_probs
-from pfl.losses import ce_loss
-from pfl.method import Batch, Prediction, StepLoss
-from pfl.prompts import PLACEHOLDER
+from pfl.clip.backbone import Backbone, ImageFeatures
+from pfl.method.contract import Batch, Prediction, StepLoss
+from pfl.method.losses import ce_loss
+from pfl.method.prompts import PLACEHOLDER
 
 OBJECT_WORDS = ("object.", "damaged object.")  # AnomalyCLIP's object-agnostic state words
 
@@ -131,7 +131,7 @@ class AnomalyCLIPConfig:
 
 
 class AnomalyCLIP(nn.Module):
-    """AnomalyCLIP on the shared harness (:class:`pfl.method.Method`).
+    """AnomalyCLIP on the shared harness (:class:`pfl.method.contract.Method`).
 
     Args:
         backbone: the frozen tower.
@@ -173,7 +173,7 @@ class AnomalyCLIP(nn.Module):
         yield from (self.ctx, self.deep)
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Learning-rate groups of :func:`pfl.train.build_optimizer` (``official``)."""
+        """Learning-rate groups of :func:`pfl.run.train.build_optimizer` (``official``)."""
         return {"prompts": [self.ctx, self.deep]}
 
     def trainable_state_dict(self) -> dict[str, Tensor]:

@@ -6,7 +6,7 @@ learns, for each tapped layer l, a linear map of the raw patch tokens into the j
 F_l = normalize(W_l P_l + b_l). Per layer, a two-way softmax of scaled cosine similarities with
 the (normal, abnormal) text features gives an abnormal probability; the map is the MEAN over
 layers (APRIL-GAN sums; the mean ranks pixels identically and keeps the map a probability, as
-:class:`pfl.method.Prediction` asks). Training on the auxiliary domain uses focal + dice per
+``Prediction`` asks). Training on the auxiliary domain uses focal + dice per
 layer, summed over layers (appendix Eq. A.3, A.4). The image score is CLIP's zero-shot global
 score (CLS feature against the same text), which APRIL-GAN does not train.
 
@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pfl.backbone import Backbone
 from pfl.baselines.winclip import PromptEnsemble
-from pfl.losses import dice_loss, focal_loss
-from pfl.method import Batch, Prediction, StepLoss
+from pfl.clip.backbone import Backbone
+from pfl.method.contract import Batch, Prediction, StepLoss
+from pfl.method.losses import dice_loss, focal_loss
 
 
 class LayerAdapters(nn.Module):
@@ -125,7 +125,7 @@ class AprilGANConfig:
 
 
 class AprilGAN(nn.Module):
-    """APRIL-GAN on the shared harness (:class:`pfl.method.Method`); reads cached features.
+    """APRIL-GAN on the shared harness (:class:`pfl.method.contract.Method`); reads cached features.
 
     Args:
         backbone: the frozen tower.
@@ -158,7 +158,7 @@ class AprilGAN(nn.Module):
             yield self.log_scale
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Learning-rate groups of :func:`pfl.train.build_optimizer` (``official``)."""
+        """Learning-rate groups of :func:`pfl.run.train.build_optimizer` (``official``)."""
         groups = {"rest": list(self.adapters.parameters())}
         if self.cfg.learn_scale:
             groups["temperatures"] = [self.log_scale]

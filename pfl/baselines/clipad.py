@@ -29,12 +29,12 @@ the paper is SDP+, its fine-tuned model. Two paths run through the one frozen im
 
 The published map is ``M = sum_l s_a,l + sum_l p_l`` (p_l the adapters' abnormal
 probability). Here ``maps = (M / L + 1) / 3``: since ``|s_a,l| <= 1`` for unit vectors and
-weights that average to 1, this lies in [0, 1] as :class:`pfl.method.Prediction` asks, and it
+weights that average to 1, this lies in [0, 1] as ``Prediction`` asks, and it
 is an increasing affine function of ``M`` (so every pixel metric, and the Gaussian blur, are
 unchanged). The published image score is transductive (per class over the test set:
 ``minmax(global) + minmax(max map)``); ``image_score="global_max"`` (default) is its per-image
 form ``0.5 * (global + max map)``, ``"global"`` the zero-shot global score alone (the
-transductive form is :mod:`pfl.evaluate`'s ``official_minmax``, which uses a top-k mean).
+transductive form is :mod:`pfl.run.evaluate`'s ``official_minmax``, which uses a top-k mean).
 
 Reproduced: the adapters and their training; the dual path with v-v attention on every block;
 the staging (restart after each tap; with the default four evenly spaced taps this is the
@@ -57,7 +57,7 @@ Approximated:
 Note:
     The surgery path needs pixels, but only at inference: training touches the adapters alone.
     ``needs_images`` is therefore True only in eval mode (``method.train(False)``), which is
-    how :mod:`pfl.train` and :mod:`pfl.evaluate` ask for images.
+    how :mod:`pfl.run.train` and :mod:`pfl.run.evaluate` ask for images.
 """
 
 from __future__ import annotations
@@ -68,10 +68,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pfl.backbone import Backbone, ImageFeatures
 from pfl.baselines.anomalyclip import vv_attention
 from pfl.baselines.aprilgan import AprilGAN, AprilGANConfig, pair_logit_diff, upsample_probs
-from pfl.method import Batch, Prediction
+from pfl.clip.backbone import Backbone, ImageFeatures
+from pfl.method.contract import Batch, Prediction
 
 IMAGE_SCORES = ("global_max", "global")
 
@@ -182,7 +182,7 @@ class CLIPADConfig(AprilGANConfig):
 
 
 class CLIPAD(AprilGAN):
-    """CLIP-AD (SDP+) on the shared harness (:class:`pfl.method.Method`).
+    """CLIP-AD (SDP+) on the shared harness (:class:`pfl.method.contract.Method`).
 
     Trains exactly as APRIL-GAN (inherited ``training_step``, cached features); predicts with
     both paths (module docstring).

@@ -28,13 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pfl.backbone import Backbone
-from pfl.method import Batch, Prediction, StepLoss
-from pfl.prompts import class_words
-from pfl.zeroshot import ABNORMAL_STATES, NORMAL_STATES, TEMPLATES, state_prompts
+from pfl.clip.backbone import Backbone
+from pfl.clip.zeroshot import ABNORMAL_STATES, NORMAL_STATES, TEMPLATES, state_prompts
+from pfl.method.contract import Batch, Prediction, StepLoss
+from pfl.method.prompts import class_words
 
-# WinCLIP's compositional prompt ensemble: the state words of pfl.zeroshot plus WinCLIP's two
-# extra normal states, and its template list (the three of pfl.zeroshot plus the rest).
+# WinCLIP's compositional prompt ensemble: the state words of pfl.clip.zeroshot plus WinCLIP's two
+# extra normal states, and its template list (the three of pfl.clip.zeroshot plus the rest).
 WINCLIP_NORMAL_STATES = NORMAL_STATES + ("{} without defect", "{} without damage")
 WINCLIP_ABNORMAL_STATES = ABNORMAL_STATES
 WINCLIP_TEMPLATES = TEMPLATES + (
@@ -86,7 +86,7 @@ class PromptEnsemble:
     """Normal/abnormal text features per class, encoded once and cached (no gradients).
 
     Each state's feature is the L2-normalised mean of its prompts' normalised features
-    (WinCLIP's ensemble; :func:`pfl.zeroshot.text_pair` does the same for its short list).
+    (WinCLIP's ensemble; :func:`pfl.clip.zeroshot.text_pair` does the same for its short list).
 
     Args:
         backbone: the frozen tower whose text path encodes the prompts.
@@ -247,7 +247,7 @@ class WinCLIPConfig:
 
 
 class WinCLIP(nn.Module):
-    """Training-free WinCLIP on the shared harness (:class:`pfl.method.Method`).
+    """Training-free WinCLIP on the shared harness (:class:`pfl.method.contract.Method`).
 
     Per image: the class's (normal, abnormal) ensemble features t_n, t_a; each window w's
     score s_w = softmax(scale * <f_w, t_n>, scale * <f_w, t_a>)[abnormal]; per scale the patch
@@ -262,7 +262,7 @@ class WinCLIP(nn.Module):
     """
 
     name = "WinCLIP"
-    needs_images = True  # the harness then serves Batch.images (pfl.features, pfl.evaluate)
+    needs_images = True  # the harness then serves Batch.images (pfl.run.features, pfl.run.evaluate)
 
     def __init__(self, backbone: Backbone, cfg: WinCLIPConfig | None = None,
                  generator: torch.Generator | None = None):
@@ -294,7 +294,7 @@ class WinCLIP(nn.Module):
             raise ValueError(f"WinCLIP is training-free; got a state with keys {sorted(state)}")
 
     def training_step(self, batch: Batch, generator: torch.Generator) -> StepLoss:
-        raise RuntimeError("WinCLIP is training-free: evaluate it directly, without pfl.train.fit")
+        raise RuntimeError("WinCLIP is training-free: evaluate it directly, not with fit()")
 
     def _score(self, feats: Tensor, text: Tensor) -> Tensor:
         """feats (N, ..., E) unnormalised, text (N, 2, E) -> abnormal probability (N, ...)."""

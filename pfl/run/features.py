@@ -15,7 +15,7 @@ are served in float32. Rounding to fp16 changes a token by at most ~5e-4 of its 
 tests/test_features.py checks that maps and metrics of a method on fp16 features match fp32.
 
     >>> import torch
-    >>> from pfl.backbone import ImageFeatures
+    >>> from pfl.clip.backbone import ImageFeatures
     >>> store = FeatureStore(
     ...     ImageFeatures(torch.zeros(4, 8), torch.zeros(4, 2, 9, 16)),
     ...     masks=torch.zeros(4, 12, 12), labels=torch.tensor([0, 1, 0, 1]),
@@ -41,8 +41,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from pfl.backbone import Backbone, ImageFeatures
-from pfl.method import Batch
+from pfl.clip.backbone import Backbone, ImageFeatures
+from pfl.clip.pretrain import PretrainConfig, make_batch
+from pfl.config import repo_root
+from pfl.data.dataset import AnomalyDataset
+from pfl.data.synthetic import SynthConfig, ensure_benchmark
+from pfl.method.contract import Batch
 from pfl.utils import atomic_write
 
 CACHE_VERSION = 1  # bump when the stored layout changes: old cache files are then ignored
@@ -84,7 +88,7 @@ def backbone_fingerprint(backbone: Backbone) -> str:
 def dataset_fingerprint(dataset) -> dict:
     """What identifies a dataset split without reading its images: root, split, samples.
 
-    Uses ``dataset.fingerprint()`` when the dataset has one (:class:`pfl.data.AnomalyDataset`),
+    Uses ``dataset.fingerprint()`` when the dataset has one (AnomalyDataset),
     else its ``root``, ``split`` and ``samples``/``entries`` attributes; a dataset with none of
     these cannot be cached on disk (it is still cached in memory for the process).
     """
@@ -211,7 +215,7 @@ class FeatureStore:
     def batches(self, batch_size: int, *, shuffle: bool = False,
                 generator: torch.Generator | None = None, with_images: bool = False,
                 dtype: torch.dtype = torch.float32) -> Iterator[Batch]:
-        """:class:`pfl.method.Batch` es of ``batch_size`` (the last may be smaller).
+        """:class:`pfl.method.contract.Batch` es of ``batch_size`` (the last may be smaller).
 
         Args:
             shuffle: a random order from ``generator`` (``torch.randperm``), else store order.
@@ -230,7 +234,7 @@ class FeatureStore:
             if with_images:
                 if self.dataset is None:
                     raise ValueError("this FeatureStore has no dataset to read images from; "
-                                     "build it with pfl.features.extract(backbone, dataset)")
+                                     "build it with pfl.run.features.extract(backbone, dataset)")
                 images = torch.stack([self.dataset[self.indices[i]]["image"] for i in rows])
             yield Batch(
                 cls_names=[self.cls_names[i] for i in rows],
@@ -299,7 +303,7 @@ def encode_dataset(backbone: Backbone, dataset, *, batch_size: int = 32,
 
     ``dataset[i]`` must be a dict with ``image (3, S, S)`` (CLIP-normalised, S the backbone's
     input size), ``mask (S, S)``, ``label``, ``cls_name``, ``path`` and optionally
-    ``has_mask`` (:class:`pfl.data.AnomalyDataset` gives these).
+    ``has_mask`` (:class:`pfl.data.dataset.AnomalyDataset` gives these).
     """
     n = len(dataset)
     if n == 0:
@@ -327,7 +331,6 @@ def encode_dataset(backbone: Backbone, dataset, *, batch_size: int = 32,
 
 
 def default_cache_dir() -> Path:
-    from pfl.config import repo_root
 
     return repo_root() / "runs" / "cache"
 
@@ -429,7 +432,6 @@ AUTO_CACHE_LIMIT = 2 * 2**30  # "auto": cache on disk below 2 GiB of features, e
 def data_root(root: str | Path) -> Path:
     """A data root: absolute as given; relative to the checkout (where ``data/`` lives) when
     running from one, else to the current folder."""
-    from pfl.config import repo_root
 
     root = Path(root).expanduser()
     if root.is_absolute():
@@ -439,13 +441,11 @@ def data_root(root: str | Path) -> Path:
 
 
 def profile_dataset(profile, name: str, split: str = "test", classes=None):
-    """The :class:`pfl.data.AnomalyDataset` of dataset ``name`` (a folder under the profile's
+    """The ``AnomalyDataset`` of dataset ``name`` (a folder under the profile's
     data root), building the synthetic benchmark first when the profile says so."""
-    from pfl.data import AnomalyDataset
 
     root = data_root(profile.data.root)
     if profile.data.synthetic:
-        from pfl.synthetic import SynthConfig, ensure_benchmark
 
         n = profile.data.synth_images
         ensure_benchmark(root, SynthConfig(image_size=profile.backbone.image_size,
@@ -466,7 +466,7 @@ def resolve_cache(mode: str, backbone: Backbone, n_images: int) -> str:
 
 
 def subsample_dataset(dataset, per_class: int):
-    """A shallow copy of an :class:`pfl.data.AnomalyDataset` keeping the first ``per_class``
+    """A shallow copy of an :class:`pfl.data.dataset.AnomalyDataset` keeping the first ``per_class``
     normal and ``per_class`` anomalous samples of each category (its cache key changes too)."""
     import copy
 
@@ -497,13 +497,12 @@ def pattern_store(backbone: Backbone, pairs: int = 160, seed: int = 999, batch: 
     """Fresh pairs of the tiny CLIP's pretraining domain, encoded by the frozen ``backbone``.
 
     Flawless and defective pattern images drawn as in pretraining
-    (:func:`pfl.pretrain.draw_batch`) but from the data stream of ``seed`` (the shipped run
+    (:func:`pfl.clip.pretrain.draw_batch`) but from the data stream of ``seed`` (the shipped run
     used seed 0), at the backbone's image size, with defects of the evaluation's size by
     default. Returns a :class:`FeatureStore` with one category, ``"patterns"`` (flawless and
     defective alternate), so that what the tower learned in its own domain can be compared
-    with what transfers to photographs, e.g. with :func:`pfl.evaluate.linear_probe_auroc`.
+    with what transfers to photographs, e.g. with :func:`pfl.run.evaluate.linear_probe_auroc`.
     """
-    from pfl.pretrain import PretrainConfig, make_batch
 
     cfg = PretrainConfig(batch=batch, image_size=backbone.image_size, final_size=None,
                          seed=seed, defect_area=defect_area, zoom=0.0)

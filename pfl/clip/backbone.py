@@ -6,7 +6,7 @@ bicubically (antialias) to the input size; both towers stay frozen. The text pat
 *embeddings* so that learnable vectors can be spliced in (REFERENCE.md, "Prompts"), and cuts
 every batch right after its longest EOT token: the causal mask makes that exact.
 
-Nothing here downloads: the ``smoke`` tower is a JSON config shipped in ``pfl/assets`` (with
+Nothing here downloads: the ``smoke`` tower is a JSON config shipped in ``pfl/clip/assets`` (with
 shipped weights when they exist, else a seeded random init), and the ``paper`` tower reads
 OpenAI's ViT-L-14-336 weights from a local file.
 """
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from open_clip.model import resize_pos_embed
 from torch import nn
 
-from pfl.config import BackboneConfig
+from pfl.config import BackboneConfig, active
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 TINY_WEIGHTS = ASSETS / "tiny_clip.safetensors"
@@ -41,7 +41,7 @@ _OPENAI_CACHE_GLOBS = (
 
 
 def register_configs() -> None:
-    """Make the configs shipped in ``pfl/assets`` (e.g. ``pfl-tiny``) known to open_clip."""
+    """Make the configs shipped in ``pfl/clip/assets`` (e.g. ``pfl-tiny``) known to open_clip."""
     global _REGISTERED
     if not _REGISTERED:
         for path in sorted(ASSETS.glob("pfl-*.json")):
@@ -326,7 +326,6 @@ def _run_block(block: nn.Module, x: torch.Tensor, transformer: nn.Module,
 def load_backbone(cfg: BackboneConfig | None = None) -> Backbone:
     """The backbone of ``cfg`` (default: the active profile's)."""
     if cfg is None:
-        from pfl.config import active
 
         cfg = active().backbone
     return Backbone.from_config(cfg)

@@ -2,7 +2,7 @@
 
 The starting point of WinCLIP and APRIL-GAN (REFERENCE.md, "Peers"): each patch token is
 mapped into CLIP's joint space through ``ln_post`` and the projection
-(:meth:`pfl.backbone.Backbone.project_patches`), compared by cosine similarity with the mean
+(:meth:`pfl.clip.backbone.Backbone.project_patches`), compared by cosine similarity with the mean
 text feature of a few "normal" and "abnormal" prompts, and a two-way softmax gives the
 abnormal probability. No parameter is learned.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pfl.backbone import Backbone
+from pfl.clip.backbone import Backbone
 
 NORMAL_STATES = ("flawless {}", "perfect {}", "unblemished {}", "{} without flaw", "{}")
 ABNORMAL_STATES = ("damaged {}", "broken {}", "{} with flaw", "{} with defect", "{} with damage")

@@ -7,7 +7,7 @@ score, the map's maximum and, with a threshold, whether the image is called anom
 
 The model is class-aware (REFERENCE.md, "Prompts"): it needs the object's name
 (``--class-name``, default ``"object"``). Maps are blurred as in evaluation (sigma 8 px at
-518 px, scaled to the input size, :mod:`pfl.evaluate`) and resized back to each image's own
+518 px, scaled to the input size, :mod:`pfl.run.evaluate`) and resized back to each image's own
 size for the overlay.
 """
 
@@ -21,11 +21,12 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from pfl.backbone import ImageFeatures
+from pfl.clip.backbone import ImageFeatures
 from pfl.config import EvalConfig
-from pfl.evaluate import scaled_sigma, smooth_maps
-from pfl.method import Batch, Method
-from pfl.preprocess import image_to_tensor, to_pil_rgb
+from pfl.data.preprocess import image_to_tensor, to_pil_rgb
+from pfl.method.contract import Batch, Method
+from pfl.run.checkpoints import load_run
+from pfl.run.postprocess import scaled_sigma, smooth_maps
 from pfl.utils import atomic_write
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -119,7 +120,6 @@ def predict_checkpoint(checkpoint: str | Path, images: Sequence[str | Path], out
                        *, class_name: str = "object", threshold: float | None = 0.5
                        ) -> pd.DataFrame:
     """:func:`predict_images` with the method and evaluation config of a training run."""
-    from pfl.train import load_run
 
     method, profile = load_run(checkpoint)
     return predict_images(method, images, out_dir, class_name=class_name, threshold=threshold,

@@ -1,4 +1,4 @@
-"""Auxiliary training of any :class:`pfl.method.Method`: optimiser, schedule, selection, resume.
+"""Auxiliary training of any method: optimiser, schedule, selection, resume.
 
 Appendix A.1: the new modules train on the auxiliary dataset only (VisA for every target,
 MVTec-AD when the target is VisA) with Adam, lr 1e-4, batch 32, 20 epochs; R = 1 and one
@@ -44,9 +44,19 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from pfl.clip.backbone import load_backbone
 from pfl.config import EvalConfig, Profile, TrainConfig
-from pfl.features import FeatureStore, progress_enabled
-from pfl.method import Method
+from pfl.method.contract import Method
+from pfl.run.checkpoints import (
+    CHECKPOINT,
+    CONFIG,
+    HISTORY,
+    RESUME,
+    build_method,
+    set_mode,
+)
+from pfl.run.evaluate import evaluate
+from pfl.run.features import FeatureStore, profile_store, progress_enabled
 from pfl.utils import atomic_write, atomic_write_json, atomic_write_text
 
 OPTIMIZERS = ("paper", "official")
@@ -56,10 +66,6 @@ OFFICIAL_BETAS = (0.5, 0.999)
 WARMUP_FRACTION = 0.1  # of all steps, for the "official" cosine schedule
 OFFICIAL_TARGET_CLASSES = 5  # the authors select their checkpoint on 5 target categories
 
-CHECKPOINT = "checkpoint.safetensors"
-CONFIG = "config.json"
-HISTORY = "history.json"
-RESUME = "resume"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -153,12 +159,6 @@ def build_optimizer(method: Method, cfg: TrainConfig, total_steps: int
 # --------------------------------------------------------------------------- helpers
 
 
-def _set_mode(method: Method, training: bool) -> None:
-    mode = getattr(method, "train", None)
-    if callable(mode):
-        mode(training)
-
-
 def _generator(seed: int, epoch: int, stream: int) -> torch.Generator:
     """The generator of one stream of one epoch: independent of what ran before it."""
     mixed = np.random.SeedSequence([seed % 2**32, epoch, stream]).generate_state(2, np.uint32)
@@ -203,7 +203,7 @@ def holdout_split(classes: Sequence[str], k: int, seed: int) -> list[str]:
 def store_loss(method: Method, store: FeatureStore, batch_size: int,
                generator: torch.Generator) -> float:
     """Mean training loss (``training_step(...).total``, no gradients) over ``store``."""
-    _set_mode(method, True)
+    set_mode(method, True)
     total, n = 0.0, 0
     with torch.no_grad():
         for batch in store.batches(batch_size, with_images=_needs_images(method)):
@@ -214,7 +214,6 @@ def store_loss(method: Method, store: FeatureStore, batch_size: int,
 
 def _epoch_metrics(method: Method, store: FeatureStore, eval_cfg: EvalConfig,
                    prefix: str) -> dict[str, float]:
-    from pfl.evaluate import evaluate
 
     result = evaluate(method, store, eval_cfg, name=prefix, progress=False)
     return {f"{prefix}/{k}": float(v) for k, v in result.table.loc["mean"].items()}
@@ -277,8 +276,8 @@ def fit(
     """Train ``method`` on the auxiliary split ``train``; write checkpoints to ``out_dir``.
 
     Args:
-        method: any :class:`pfl.method.Method` (its ``training_step`` draws R and the bank).
-        train: features of the auxiliary training split (:func:`pfl.features.extract`).
+        method: any ``Method`` (its ``training_step`` draws R and the bank).
+        train: features of the auxiliary training split (:func:`pfl.run.features.extract`).
         cfg: epochs, batch size, optimiser, selection (module docstring).
         profile: stored in ``config.json`` so that ``evaluate``/``predict`` can rebuild it.
         eval_cfg: how held-out and monitored sets are scored each epoch (default
@@ -347,7 +346,7 @@ def fit(
         history.epochs.append(_monitor_row(method, monitor, cfg, eval_cfg, epoch=0,
                                            row={"epoch": 0, "train_loss": math.nan}))
     for epoch in range(start_epoch, cfg.epochs):
-        _set_mode(method, True)
+        set_mode(method, True)
         order = _generator(cfg.seed, epoch, 0)
         step_gen = _generator(cfg.seed, epoch, 1)
         totals = []
@@ -407,67 +406,8 @@ def fit(
         method.load_trainable_state_dict(load_file(str(out_dir / "best.safetensors")))
     _write_state(out_dir / CHECKPOINT, method)
     history.save(out_dir)
-    _set_mode(method, False)
+    set_mode(method, False)
     return history
-
-
-# --------------------------------------------------------------------------- loading
-
-
-def load_checkpoint(method: Method, path: str | Path) -> Method:
-    """Load a checkpoint (a run folder or its ``checkpoint.safetensors``) into ``method``."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}: pass a run folder written by "
-                                "pfl.train.fit (python -m pfl train --out DIR) or its "
-                                f"{CHECKPOINT}")
-    method.load_trainable_state_dict(load_file(str(path)))
-    _set_mode(method, False)
-    return method
-
-
-def read_run_config(path: str | Path) -> dict:
-    """``config.json`` of a run folder (or of the folder holding a checkpoint file)."""
-    path = Path(path)
-    folder = path if path.is_dir() else path.parent
-    cfg_path = folder / CONFIG
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path} is missing: a checkpoint needs the config.json "
-                                "that pfl.train.fit writes beside it")
-    return json.loads(cfg_path.read_text())
-
-
-def build_method(name: str, profile: Profile, backbone=None, model_cfg: Mapping | None = None
-                 ) -> Method:
-    """A fresh method by name on ``profile``: Bayes-PFL (``profile.model``), or a peer of
-    :mod:`pfl.baselines` (its config from ``model_cfg``, e.g. a run's ``config.json``)."""
-    from pfl.backbone import load_backbone
-
-    backbone = backbone if backbone is not None else load_backbone(profile.backbone)
-    if name.lower().replace("_", "-") in ("bayes-pfl", "bayespfl"):
-        from pfl.model import BayesPFL
-
-        return BayesPFL(backbone, profile.model, seed=profile.train.seed, train_cfg=profile.train)
-    from pfl import baselines
-
-    key = name.lower().replace("-", "").replace("_", "")
-    cfg = baselines.CONFIGS[key](**model_cfg) if (model_cfg and key in baselines.CONFIGS) else None
-    generator = torch.Generator().manual_seed(profile.train.seed)
-    return baselines.build(name, backbone, cfg, generator=generator)
-
-
-def load_run(path: str | Path, backbone=None) -> tuple[Method, Profile]:
-    """Rebuild the method of a run folder from its ``config.json`` and load its checkpoint."""
-    run = read_run_config(path)
-    if run.get("profile") is None:
-        raise ValueError(f"{path} was trained without a profile in config.json; rebuild the "
-                         "method yourself and call pfl.train.load_checkpoint")
-    profile = Profile.from_dict(run["profile"])
-    model_cfg = None if run["method"].lower().startswith("bayes") else run.get("model")
-    method = build_method(run["method"], profile, backbone, model_cfg)
-    return load_checkpoint(method, path), profile
 
 
 def train_profile(profile: Profile, out_dir: str | Path, *, method: str = "bayes-pfl",
@@ -475,8 +415,6 @@ def train_profile(profile: Profile, out_dir: str | Path, *, method: str = "bayes
                   ) -> tuple[Method, History]:
     """Train ``method`` on the profile's auxiliary dataset (``profile.data.aux``, split
     ``aux_split``), building the synthetic benchmark first if the profile uses it."""
-    from pfl.backbone import load_backbone
-    from pfl.features import profile_store
 
     backbone = backbone if backbone is not None else load_backbone(profile.backbone)
     train = profile_store(profile, backbone, profile.data.aux, profile.data.aux_split,
@@ -521,7 +459,6 @@ def fit_seeds(
 ) -> SeedSummary:
     """Train one method per seed (``make_method(seed)``, ``cfg.seed = seed``) and evaluate
     each zero-shot on ``targets``; return per-seed tables and their mean and std."""
-    from pfl.evaluate import evaluate
 
     eval_cfg = eval_cfg or EvalConfig()
     tables: dict[int, dict[str, pd.DataFrame]] = {}

@@ -9,7 +9,7 @@ thresholded smooth-noise shape filled with ``(1 - beta) * texture + beta * image
 whose mean absolute change inside the mask is below ``min_change`` grey levels is redrawn.
 
     >>> import numpy as np
-    >>> from pfl.patterns import pattern_image
+    >>> from pfl.data.patterns import pattern_image
     >>> rng = np.random.default_rng(0)
     >>> img = pattern_image("stripes", rng, 64)
     >>> out, mask, kind = paint_defect(img, rng, kind="stain", area=(0.02, 0.02))
@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from pfl.patterns import PATTERNS, pattern_image, value_noise
+from pfl.data.patterns import PATTERNS, pattern_image, value_noise
 
 DEFECT_KINDS: tuple[str, ...] = ("scratch", "hole", "stain", "cut_paste", "blend", "missing")
 

@@ -1,7 +1,7 @@
 """Bayes-PFL's training losses: focal, dice, cross-entropy, flow, orthogonality, and the total.
 
 REFERENCE.md "Maps, scores, losses"; appendix Eq. A.2 (L_cls + L_focal + L_dice), Eq. A.3
-(focal), Eq. A.4 (dice); the flow terms come from :class:`pfl.flows.PromptFlow` (Eq. A.1 /
+(focal), Eq. A.4 (dice); the flow terms come from :class:`pfl.method.flows.PromptFlow` (Eq. A.1 /
 Eq. A.5); L_ort is the mean squared off-diagonal cosine similarity inside each prompt bank.
 
 >>> import torch

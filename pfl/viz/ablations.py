@@ -2,9 +2,9 @@
 
 A sweep varies one :class:`pfl.config.ModelConfig` field at a time around a base config, as
 Figure A.2 does (B, K, P, Q), and for every value and seed trains a fresh
-:class:`pfl.model.BayesPFL` with :func:`pfl.train.fit` on auxiliary features and scores it
-zero-shot on target features with :func:`pfl.evaluate.evaluate`. Every run reads the same
-cached frozen-tower features (:mod:`pfl.features`), so only the new modules cost time. The
+``BayesPFL`` with :func:`pfl.run.train.fit` on auxiliary features and scores it
+zero-shot on target features with :func:`pfl.run.evaluate.evaluate`. Every run reads the same
+cached frozen-tower features (:mod:`pfl.run.features`), so only the new modules cost time. The
 result is a tidy frame, one row per run; :func:`summarise` gives the mean and spread over seeds.
 
 Randomness: a run with seed ``s`` initialises the new modules with ``s``
@@ -38,10 +38,22 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pfl.backbone import Backbone
-from pfl.config import EvalConfig, ModelConfig, TrainConfig
-from pfl.features import FeatureStore
-from pfl.metrics import METRICS
+from pfl.clip.backbone import Backbone, resolve_weights
+from pfl.config import BackboneConfig, EvalConfig, ModelConfig, TrainConfig
+from pfl.data.dataset import AnomalyDataset
+from pfl.method.contract import Batch
+from pfl.method.model import BayesPFL
+from pfl.run.evaluate import evaluate
+from pfl.run.features import (
+    FeatureStore,
+    StreamingStore,
+    _stack_samples,
+    extract,
+    profile_dataset,
+    resolve_cache,
+)
+from pfl.run.metrics import METRICS
+from pfl.run.train import fit
 
 # Figure A.2's grids (appendix B.3): B in 1..5, K in {1, 5, 10, 15, 20}, P and Q in 1..9.
 PAPER_GRIDS: dict[str, tuple[int, ...]] = {
@@ -68,7 +80,7 @@ def one_at_a_time(base: ModelConfig, grid: Mapping[str, Sequence]
 
 def first_per_class(dataset, per_class: int | None):
     """Keep the first ``per_class`` normal and ``per_class`` anomalous samples of every
-    category of a :class:`pfl.data.AnomalyDataset` (in place; None keeps all); returns it.
+    category of a :class:`pfl.data.dataset.AnomalyDataset` (in place; None keeps all); returns it.
 
     The synthetic benchmark assigns defect kinds in turn, so the first anomalous samples
     cover the kinds evenly.
@@ -96,13 +108,11 @@ def profile_stores(profile, backbone: Backbone, *, train_per_class: int | None =
     input size, which may differ from the profile's (e.g. 112 px sweeps on 224 px data).
 
     The data are located (and the synthetic benchmark built, as the profile says) at the
-    profile's own size by :func:`pfl.features.profile_dataset`, then read at the backbone's
+    profile's own size by :func:`pfl.run.features.profile_dataset`, then read at the backbone's
     size; ``*_per_class`` keep the first images per category and label
     (:func:`first_per_class`). ``cache``: as ``DataConfig.feature_cache`` ("auto" | "disk" |
-    "memory" | "none"; "none" serves a :class:`pfl.features.StreamingStore`).
+    "memory" | "none"; "none" serves a :class:`pfl.run.features.StreamingStore`).
     """
-    from pfl.data import AnomalyDataset
-    from pfl.features import StreamingStore, extract, profile_dataset, resolve_cache
 
     def at_size(name: str, split: str, n: int | None) -> FeatureStore:
         located = profile_dataset(profile, name, split)
@@ -121,10 +131,8 @@ def profile_stores(profile, backbone: Backbone, *, train_per_class: int | None =
 def train_bayes_pfl(backbone: Backbone, model_cfg: ModelConfig, train: FeatureStore,
                     train_cfg: TrainConfig, seed: int, *, eval_cfg: EvalConfig | None = None,
                     out_dir: str | Path | None = None, progress: bool | None = False):
-    """A fresh :class:`pfl.model.BayesPFL` (init seed ``seed``) trained by :func:`pfl.train.fit`
+    """A fresh ``BayesPFL`` (init seed ``seed``) trained by :func:`pfl.run.train.fit`
     with ``train_cfg.seed = seed``; checkpoints go to ``out_dir`` (None: a temporary folder)."""
-    from pfl.model import BayesPFL
-    from pfl.train import fit
 
     cfg = dataclasses.replace(train_cfg, seed=seed)
     model = BayesPFL(backbone, model_cfg, seed=seed, train_cfg=cfg)
@@ -141,7 +149,6 @@ def run_once(backbone: Backbone, model_cfg: ModelConfig, train: FeatureStore,
              *, progress: bool | None = False) -> dict:
     """Train one seed and evaluate it zero-shot: the mean-over-categories metrics (fractions)
     plus ``train_s`` and ``eval_s`` (wall-clock seconds, machine-dependent)."""
-    from pfl.evaluate import evaluate
 
     t0 = time.perf_counter()
     model = train_bayes_pfl(backbone, model_cfg, train, train_cfg, seed, eval_cfg=eval_cfg,
@@ -168,7 +175,7 @@ def sweep(backbone: Backbone, base: ModelConfig, grid: Mapping[str, Sequence],
             dict of metrics (default :func:`run_once`); for tests and other methods.
     Returns:
         One row per (field, value, seed): ``param``, ``symbol``, ``value``, ``seed``, every
-        metric of :data:`pfl.metrics.METRICS`, ``train_s``, ``eval_s``. Runs with the same
+        metric of :data:`pfl.run.metrics.METRICS`, ``train_s``, ``eval_s``. Runs with the same
         config and seed (the base config of each sweep) are trained once and shared.
     """
     runner = runner or (lambda *a: run_once(*a, progress=progress))
@@ -222,8 +229,6 @@ def time_per_image(method, backbone: Backbone, dataset, rows: Sequence[int],
     if clock not in clocks:
         raise ValueError(f"clock must be one of {sorted(clocks)}, got {clock!r}")
     now = clocks[clock]
-    from pfl.features import _stack_samples
-    from pfl.method import Batch
 
     gen = generator or torch.Generator().manual_seed(0)
     needs_images = bool(getattr(method, "needs_images", False))
@@ -260,14 +265,11 @@ def backbone_table(towers: Sequence[str], sizes: Sequence[int],
         timing_images: images of the target store timed by :func:`time_per_image` (CPU
             time; seed ``seeds[0]`` only).
         backbone_factory: ``(tower, size) -> Backbone`` (default: random init with seed 0, or
-            the shipped tiny weights; :func:`pfl.backbone.resolve_weights`).
+            the shipped tiny weights; :func:`pfl.clip.backbone.resolve_weights`).
     Returns:
         One row per run: ``tower``, ``size``, ``seed``, ``pretrained`` (weights loaded),
         every metric, ``ms_per_image`` (NaN except for the first seed).
     """
-    from pfl.backbone import resolve_weights
-    from pfl.config import BackboneConfig
-    from pfl.evaluate import evaluate
 
     def default_factory(tower: str, size: int) -> Backbone:
         return Backbone.from_config(BackboneConfig(model_name=tower, image_size=size))

@@ -4,7 +4,7 @@ Pick a dataset, a category and an image; see the image with its ground-truth out
 and the predicted region at the threshold (red), the anomaly map and the thresholded map. The
 sliders change the number of Monte Carlo samples R (Bayes-PFL only: the peers draw nothing),
 the Gaussian smoothing sigma (given in pixels at 518 px and scaled to the image size, as
-:mod:`pfl.evaluate` does; REFERENCE.md "Maps, scores") and the decision threshold; the image
+:mod:`pfl.run.evaluate` does; REFERENCE.md "Maps, scores") and the decision threshold; the image
 score and the per-image metrics (:func:`per_image_metrics`) update on every change. A toggle
 switches between Bayes-PFL and the peer methods passed in.
 
@@ -32,8 +32,9 @@ import numpy as np
 import torch
 
 from pfl.config import EvalConfig
-from pfl.evaluate import scaled_sigma, smooth_maps
-from pfl.features import FeatureStore
+from pfl.data.preprocess import denormalize
+from pfl.run.features import FeatureStore
+from pfl.run.postprocess import scaled_sigma, smooth_maps
 
 
 def per_image_metrics(anomaly_map: np.ndarray, mask: np.ndarray, score: float, label: int,
@@ -92,7 +93,7 @@ class Explorer:
     """The widget (see the module docstring).
 
     Args:
-        methods: ``{label: method}``, trained :class:`pfl.method.Method` s (the first is shown
+        methods: ``{label: method}``, trained methods (the first is shown
             first; Bayes-PFL usually).
         stores: ``{dataset: FeatureStore}`` built with a dataset (to read the pixels back).
         eval_cfg: the starting sigma (``EvalConfig.sigma``) and the seed of the draws.
@@ -113,7 +114,7 @@ class Explorer:
         for name, store in stores.items():
             if getattr(store, "dataset", None) is None:
                 raise ValueError(f"store {name!r} has no dataset to read images from; build it "
-                                 "with pfl.features.extract(backbone, dataset)")
+                                 "with pfl.run.features.extract(backbone, dataset)")
         self.methods, self.stores = dict(methods), dict(stores)
         self.eval_cfg = eval_cfg or EvalConfig()
         self.dpi = dpi
@@ -214,7 +215,6 @@ class Explorer:
     def _picture(self, dataset: str, row: int) -> np.ndarray:
         key = (dataset, row)
         if key not in self._images:
-            from pfl.preprocess import denormalize
 
             store = self.stores[dataset]
             self._images[key] = denormalize(store.dataset[store.indices[row]]["image"])

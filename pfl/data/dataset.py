@@ -1,6 +1,6 @@
 """One dataset class over ``meta.json`` (REFERENCE.md, "Data layout"), with its collate.
 
-Every dataset, synthetic or converted from a published layout by :mod:`pfl.datasets`, is a
+Every dataset, synthetic or converted from a published layout by :mod:`pfl.data.adapters`, is a
 root folder with a ``meta.json``::
 
     {"train"|"test": {class: [{"img_path", "mask_path", "cls_name", "specie_name",
@@ -11,7 +11,7 @@ Paths are relative to the root; ``mask_path`` is ``""`` for normal images and fo
 without pixel labels (HeadCT, BrainMRI, Br35H), whose pixel metrics are then skipped.
 
     >>> import tempfile
-    >>> from pfl.synthetic import SynthConfig, build_benchmark
+    >>> from pfl.data.synthetic import SynthConfig, build_benchmark
     >>> root = build_benchmark(tempfile.mkdtemp(), SynthConfig(
     ...     n_test_normal=1, n_test_anomalous=1, n_train_normal=0, n_train_anomalous=0,
     ...     image_size=32, domains=("medical",), workers=1))["medical"]
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pfl.preprocess import image_to_tensor, mask_to_tensor, to_pil_rgb
+from pfl.data.preprocess import image_to_tensor, mask_to_tensor, to_pil_rgb
 
 HOW_TO_BUILD = (
     "build the offline benchmark with `python -m pfl data synth --out DIR`, or write meta.json "
@@ -191,7 +191,7 @@ class AnomalyDataset(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def fingerprint(self) -> dict:
-        """What identifies this split's content, for feature caches (pfl.features)."""
+        """What identifies this split's content, for feature caches (pfl.run.features)."""
         h = hashlib.sha256()
         for s in self.samples:
             for rel in (s["img_path"], s["mask_path"]):

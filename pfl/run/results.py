@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pfl.metrics import METRICS
+from pfl.run.metrics import METRICS
 
-# Appendix table number -> metric name (pfl.metrics).
+# Appendix table number -> metric name (pfl.run.metrics).
 PAPER_TABLES = {
     "A.4": "pixel_auroc",
     "A.5": "image_auroc",
@@ -177,7 +177,7 @@ class Results:
         self._values[key] = value
 
     def add_metrics(self, table: pd.DataFrame, method: str, dataset: str, seed: int = 0) -> None:
-        """Store every cell of a per-category table (:func:`pfl.metrics.evaluate_records`).
+        """Store every cell of a per-category table (:func:`pfl.run.metrics.evaluate_records`).
 
         The ``mean`` row is skipped: tables recompute it, per seed, from the categories.
         """

@@ -3,8 +3,8 @@
 On the active profile (``smoke`` by default: the tiny tower and the offline synthetic
 benchmark, so it runs on a fresh clone with no download):
 
-1. build the benchmark if it is missing (:func:`pfl.synthetic.ensure_benchmark`);
-2. train Bayes-PFL on the auxiliary domain only (:func:`pfl.train.fit`);
+1. build the benchmark if it is missing (:func:`pfl.data.synthetic.ensure_benchmark`);
+2. train Bayes-PFL on the auxiliary domain only (:func:`pfl.run.train.fit`);
 3. evaluate it zero-shot on every target dataset (``target`` and ``medical``), next to the same
    model untrained, so that the tables show what training bought;
 4. write the tables (appendix Tables A.4-A.9 layout, Markdown + CSV), the loss curves and one
@@ -16,7 +16,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from pfl.clip.backbone import load_backbone
 from pfl.config import Profile, active
+from pfl.run.checkpoints import build_method
+from pfl.run.evaluate import evaluate_profile, summary_frame, write_tables
+from pfl.run.features import data_root, profile_store
+from pfl.run.results import Results, Table
+from pfl.run.train import fit
+from pfl.utils import atomic_write_text
+from pfl.viz.plots import plot_loss_terms, save_figure
 
 METHOD_LABEL = "Bayes-PFL"
 UNTRAINED_LABEL = "Bayes-PFL (untrained)"
@@ -30,13 +38,6 @@ def run(out: str | Path = "runs/demo", profile: Profile | None = None,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pfl.backbone import load_backbone
-    from pfl.evaluate import evaluate_profile, summary_frame, write_tables
-    from pfl.features import data_root, profile_store
-    from pfl.results import Results, Table
-    from pfl.train import build_method, fit
-    from pfl.utils import atomic_write_text
-    from pfl.viz import plot_loss_terms, save_figure
 
     t0 = time.perf_counter()
     profile = profile or active()

@@ -4,9 +4,9 @@ No pretrained CLIP can be had offline, and a random-init tower is no stand-in (R
 "Measured on this kind of machine"). This module pretrains the ``pfl-tiny`` open_clip config
 the way CLIP was trained (Radford et al., 2021): a symmetric InfoNCE loss between image and
 caption features with a learnable temperature. The image-caption pairs are drawn on the fly
-from the benchmark's ``pretrain`` domain only: procedural patterns (:mod:`pfl.patterns`) with
-defects painted by :mod:`pfl.defects`. Nothing of the ``aux``, ``target`` or ``medical``
-domains (photographs) can enter: the generator imports neither :mod:`pfl.synthetic` nor any
+from the benchmark's ``pretrain`` domain only: procedural patterns (:mod:`pfl.data.patterns`) with
+defects painted by :mod:`pfl.data.defects`. Nothing of the ``aux``, ``target`` or ``medical``
+domains (photographs) can enter: the generator imports neither :mod:`pfl.data.synthetic` nor any
 image file, and the caption vocabulary holds no category word of those domains (tested).
 
 Three choices differ from CLIP, each for a measured reason:
@@ -59,17 +59,17 @@ import torch.nn.functional as F
 from open_clip.model import resize_pos_embed
 from torch import nn
 
-from pfl.backbone import _quiet_open_clip, register_configs
-from pfl.defects import DEFECT_KINDS, paint_defect
-from pfl.patterns import PATTERNS, pattern_image
-from pfl.preprocess import CLIP_MEAN, CLIP_STD
+from pfl.clip.backbone import _quiet_open_clip, register_configs
+from pfl.data.defects import DEFECT_KINDS, paint_defect
+from pfl.data.patterns import PATTERNS, pattern_image
+from pfl.data.preprocess import CLIP_MEAN, CLIP_STD
 from pfl.utils import atomic_write, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
 # --- the caption vocabulary ---------------------------------------------------------------------
 # Phrasings cover those of hand-written zero-shot prompts (adjective before the noun, "with ..."
-# after it), as web captions would have covered them for CLIP; see pfl.zeroshot.
+# after it), as web captions would have covered them for CLIP; see pfl.clip.zeroshot.
 TEMPLATES: tuple[str, ...] = (
     "a photo of a {}.",
     "a close-up photo of a {}.",
@@ -128,7 +128,7 @@ class PretrainConfig:
     init_logit_scale: float = math.log(1 / 0.07)  # CLIP's learnable temperature init
     dense_weight: float = 1.0  # weight of the dense region-text term; 0: plain CLIP
     init_dense_scale: float = math.log(10.0)  # learnable temperature of the dense term
-    model_name: str = "pfl-tiny"  # open_clip config shipped in pfl/assets
+    model_name: str = "pfl-tiny"  # open_clip config shipped in pfl/clip/assets
     init_seed: int = 0  # random init of the tower
     seed: int = 0  # data stream: the batch of step t comes from default_rng([seed, t])
     threads: int = 1  # torch.set_num_threads; CPU results are exact for a fixed count
@@ -233,7 +233,7 @@ def draw_pair(rng: np.random.Generator, size: int, zoom: float,
 
 
 def _to_tensor(images: np.ndarray) -> torch.Tensor:
-    """(N, S, S, 3) uint8 -> (N, 3, S, S) CLIP-normalised float (as pfl.preprocess, no resize)."""
+    """(N, S, S, 3) uint8 -> (N, 3, S, S) CLIP-normalised float (no resize)."""
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
@@ -528,7 +528,7 @@ def sha256(path: str | Path) -> str:
 
 
 def export_weights(clip: nn.Module, path: str | Path, dtype: torch.dtype = torch.float16) -> str:
-    """Save the open_clip state dict (what :func:`pfl.backbone.load_weights` reads); -> SHA-256.
+    """Save the open_clip state dict (what backbone.load_weights reads); -> SHA-256.
 
     fp16 halves the file (~8.6 MB; positional embeddings stay fp32); ``load_state_dict``
     casts back to the model's dtype.
@@ -661,9 +661,9 @@ def write_record(path: str | Path, cfg: PretrainConfig, history: list[dict], dig
         "numpy": np.__version__,
         "machine": machine,
         "data": {
-            "domain": "pretrain: pfl.patterns procedural patterns only, drawn on the fly",
+            "domain": "pretrain: pfl.data.patterns procedural patterns only, drawn on the fly",
             "patterns": list(PATTERNS),
-            "defects": f"pfl.defects.paint_defect, kinds {list(DEFECT_KINDS)}, area "
+            "defects": f"pfl.data.defects.paint_defect, kinds {list(DEFECT_KINDS)}, area "
                        f"{list(cfg.defect_area)} of the image (evaluation: 0.002-0.05)",
             "batch": "pairs: one pattern image flawless and with a defect, same template and "
                      "noun, different state word",

@@ -1,8 +1,8 @@
 """The contract every anomaly-detection method in pfl meets, so one harness trains and scores all.
 
-Bayes-PFL (:mod:`pfl.model`) and the peers (:mod:`pfl.baselines`) differ only in the method:
-the data, the frozen backbone, the training loop (:func:`pfl.train.fit`) and the evaluation
-(:mod:`pfl.evaluate`) are shared. A method sees a :class:`Batch`; because the image tower is
+Bayes-PFL (:mod:`pfl.method.model`) and the peers (:mod:`pfl.baselines`) differ only in the method:
+the data, the frozen backbone, the training loop (:func:`pfl.run.train.fit`) and the evaluation
+(:mod:`pfl.run.evaluate`) are shared. A method sees a :class:`Batch`; because the image tower is
 frozen, its features can be computed once and cached (``Batch.feats``), and a method that needs
 pixels (WinCLIP's windows, AdaCLIP's visual prompts) reads ``Batch.images`` instead.
 """
@@ -15,7 +15,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from pfl.backbone import Backbone, ImageFeatures
+from pfl.clip.backbone import Backbone, ImageFeatures
 
 
 @dataclass
@@ -62,7 +62,7 @@ class StepLoss:
 
 @runtime_checkable
 class Method(Protocol):
-    """What :func:`pfl.train.fit` and :mod:`pfl.evaluate` need from a method."""
+    """What :func:`pfl.run.train.fit` and :mod:`pfl.run.evaluate` need from a method."""
 
     name: str
     backbone: Backbone

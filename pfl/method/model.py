@@ -9,7 +9,7 @@ appendix A.1 and Algorithm 1. For a batch of N images and R Monte Carlo samples:
 2. The ISD flow, conditioned on ``g``, draws R context offsets per image; the two IAD flows
    (normal, abnormal: free state vectors, one shared encoder, free planar parameters) draw R
    state offsets. Each offset is added to all P context (Q state) tokens of every prompt of
-   the bank (:class:`pfl.prompts.PromptBank`).
+   the bank (:class:`pfl.method.prompts.PromptBank`).
 3. All ``N x B x R x 2`` prompts are encoded by the frozen text tower in one call.
 4. RCA refines the text features with the patches of each layer; pixel logits are
    ``exp(tau_pix) F_s F_t'^T``; the abnormal probability of a (normal, abnormal) pair is
@@ -30,14 +30,14 @@ of the batch when the batch has more than one image; ``pfl`` does not reproduce 
 
 ``official_compat=True`` switches to the authors' code where it differs from the paper:
 ``f_mu``/``f_sigma`` hidden width ``vision_width // 2`` (paper: the joint width C),
-``sigma = exp(s / 4)`` in the flows (:class:`pfl.flows.GaussianEncoder`), bilinear
+``sigma = exp(s / 4)`` in the flows (:class:`pfl.method.flows.GaussianEncoder`), bilinear
 upsampling with ``align_corners=True``, and the dice loss on both maps
-(:func:`pfl.losses.dice_loss`). ``share_iad_samples=True`` is the authors' inference: the
+(:func:`pfl.method.losses.dice_loss`). ``share_iad_samples=True`` is the authors' inference: the
 IAD noise is drawn once (from the first image's stream) and reused for every later image
 until :meth:`BayesPFL.reset_shared_iad`; in training it is drawn once per step for the batch.
 
 >>> import torch
->>> from pfl.backbone import Backbone
+>>> from pfl.clip.backbone import Backbone
 >>> from pfl.config import BackboneConfig, ModelConfig
 >>> bb = Backbone.from_config(BackboneConfig(image_size=56))
 >>> model = BayesPFL(bb, ModelConfig(mc_test=2)).eval()
@@ -58,12 +58,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pfl.backbone import Backbone, ImageFeatures
+from pfl.clip.backbone import Backbone, ImageFeatures
 from pfl.config import ModelConfig, TrainConfig
-from pfl.flows import GaussianEncoder, PromptFlow
-from pfl.losses import LossTerms, bayes_pfl_loss
-from pfl.method import Batch, Prediction, StepLoss
-from pfl.prompts import PromptBank, build_skeleton
+from pfl.method.contract import Batch, Prediction, StepLoss
+from pfl.method.flows import GaussianEncoder, PromptFlow
+from pfl.method.losses import LossTerms, bayes_pfl_loss
+from pfl.method.prompts import PromptBank, build_skeleton
 
 TAU_INIT = math.log(1 / 0.07)  # REFERENCE.md "Maps, scores, losses": tau init log(1/0.07)
 _SEED_HIGH = 2**62  # per-image seeds drawn from a generator lie in [0, 2^62)
@@ -176,10 +176,10 @@ def _init_linear(module: nn.Module, generator: torch.Generator) -> None:
 
 
 class BayesPFL(nn.Module):
-    """The Bayes-PFL model on a frozen :class:`pfl.backbone.Backbone` (see module docstring).
+    """The Bayes-PFL model on a frozen :class:`pfl.clip.backbone.Backbone` (see module docstring).
 
-    It meets :class:`pfl.method.Method` (``training_step``, ``predict``), so
-    :func:`pfl.train.fit` and :mod:`pfl.evaluate` run it like the peers.
+    It meets :class:`pfl.method.contract.Method` (``training_step``, ``predict``), so
+    :func:`pfl.run.train.fit` and :mod:`pfl.run.evaluate` run it like the peers.
 
     Args:
         backbone: the frozen CLIP (its parameters never train).
@@ -188,7 +188,7 @@ class BayesPFL(nn.Module):
         train_cfg: loss weights for :meth:`training_step` (default ``TrainConfig()``).
 
     Attributes (the new modules): ``proj`` (per-layer projections), ``bank``
-    (:class:`pfl.prompts.PromptBank`), ``isd`` (amortised :class:`pfl.flows.PromptFlow`),
+    (``PromptBank``), ``isd`` (amortised :class:`pfl.method.flows.PromptFlow`),
     ``iad_normal`` / ``iad_abnormal`` (free flows sharing ``iad_encoder``), ``iad_state``
     (``(2, E)`` free conditioning vectors), ``rca``, ``phi``, ``tau_pix``, ``tau_img``.
     """
@@ -375,7 +375,7 @@ class BayesPFL(nn.Module):
 
         Args:
             feats: ``global_ (N, E)``, ``patches (N, L, T, W_v)``.
-            class_names: N dataset class names (mapped to words by :mod:`pfl.prompts`).
+            class_names: N dataset class names (mapped to words by :mod:`pfl.method.prompts`).
             generator: source of the training bank index and of the per-image seeds when
                 ``seeds`` is None (None: torch's global RNG).
             seeds: one int per image; image n's noise comes only from ``seeds[n]``.
@@ -437,7 +437,7 @@ class BayesPFL(nn.Module):
 
     def loss(self, out: BayesPFLOutput, masks: Tensor, labels: Tensor,
              cfg: TrainConfig | None = None) -> LossTerms:
-        """The training loss of ``out`` (:func:`pfl.losses.bayes_pfl_loss`).
+        """The training loss of ``out`` (:func:`pfl.method.losses.bayes_pfl_loss`).
 
         Args:
             out: a training-mode output.
@@ -461,7 +461,7 @@ class BayesPFL(nn.Module):
             official_compat=self.cfg.official_compat,
         )
 
-    # --- the harness contract (pfl.method.Method) --------------------------------------------
+    # --- the harness contract (pfl.method.contract.Method) -------------------------------
     def _batch_features(self, batch: Batch) -> ImageFeatures:
         feats = batch.features(self.backbone)
         dev = self.tau_pix.device

@@ -12,8 +12,29 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
+from PIL import Image
 
+from pfl.data.dataset import AnomalyDataset
 from pfl.utils import atomic_write
+
+__all__ = [
+    "plot_domain_grid",
+    "plot_method_maps",
+    "save_figure",
+    "plot_density_grid",
+    "plot_warped_grids",
+    "plot_sample_spread",
+    "plot_anomaly_maps",
+    "token_pca_rgb",
+    "plot_token_pca",
+    "plot_layer_maps",
+    "plot_loss_terms",
+    "plot_epoch_curves",
+    "plot_metric_differences",
+    "plot_sweep",
+    "plot_tsne_draws",
+    "plot_size_table",
+]
 
 
 def save_figure(fig, path: str | os.PathLike, csv=None, dpi: int = 100) -> Path:
@@ -196,7 +217,7 @@ def plot_token_pca(
 ) -> plt.Figure:
     """Rows: images; columns: the image, then the PCA-to-RGB of its patch tokens per layer.
 
-    patches: (N, L, T, W) as :class:`pfl.backbone.ImageFeatures` gives them.
+    patches: (N, L, T, W) as :class:`pfl.clip.backbone.ImageFeatures` gives them.
     """
     n, n_layers = patches.shape[:2]
     fig, axes = plt.subplots(n, n_layers + 1, figsize=(cell * (n_layers + 1), cell * n),
@@ -324,7 +345,7 @@ def plot_sweep(summary, metrics: tuple[str, str] = ("pixel_pro", "image_ap"),
     """Appendix Figure A.2's layout: one panel per swept parameter, ``metrics[0]`` (pixel PRO)
     on the left axis and ``metrics[1]`` (image AP) on the right axis, per value.
 
-    ``summary``: :func:`pfl.ablations.summarise` output (``symbol``, ``value``,
+    ``summary``: :func:`pfl.viz.ablations.summarise` output (``symbol``, ``value``,
     ``<metric>_mean``, ``<metric>_std``, ``n``); the band is mean ± one std over seeds.
     """
     symbols = list(dict.fromkeys(summary["symbol"]))
@@ -383,7 +404,7 @@ def plot_size_table(frame, metrics: Sequence[str] = ("image_auroc", "image_ap", 
                                                      "pixel_ap"), cell: float = 2.2
                     ) -> plt.Figure:
     """Table A.2 as curves: each metric against the input size, one line per tower, mean ±
-    one std over seeds (``frame``: :func:`pfl.ablations.backbone_table` rows)."""
+    one std over seeds (``frame``: :func:`pfl.viz.ablations.backbone_table` rows)."""
     fig, axes = plt.subplots(1, len(metrics), figsize=(cell * len(metrics), 0.9 * cell),
                              squeeze=False)
     for ax, metric in zip(axes[0], metrics):
@@ -401,9 +422,57 @@ def plot_size_table(frame, metrics: Sequence[str] = ("image_auroc", "image_ap", 
     return fig
 
 
-def explorer(methods, stores, **kwargs):
-    """The interactive map explorer (:class:`pfl.explorer.Explorer`); imported on call, so
-    that ``pfl.viz`` does not need ipywidgets."""
-    from pfl.explorer import Explorer
+def plot_domain_grid(root: str | os.PathLike, domains: Mapping[str, Sequence], n_normal: int = 2,
+                     n_bad: int = 3, px: int = 72) -> plt.Figure:
+    """One column per category of a benchmark tree (``root/<domain>/meta.json``): ``n_normal``
+    good test images over ``n_bad`` defective ones with the mask outlined in red.
 
-    return Explorer(methods, stores, **kwargs)
+    ``domains`` maps a domain folder to its categories (objects with a ``.name``), as
+    :data:`pfl.data.synthetic.DOMAINS` does; notebook 00 draws the synthetic benchmark with it.
+    """
+    root = Path(root)
+    cols = [(d, c.name) for d, cats in domains.items() for c in cats]
+    fig, axes = plt.subplots(n_normal + n_bad, len(cols), figsize=(len(cols) * 0.8, 4.1))
+    for j, (d, cls) in enumerate(cols):
+        ds = AnomalyDataset(root / d, classes=[cls])
+        normal = [i for i, y in enumerate(ds.labels) if y == 0][:n_normal]
+        bad = [i for i, y in enumerate(ds.labels) if y == 1]
+        bad = bad[(j % 2) * n_bad:(j % 2 + 1) * n_bad]
+        for r, i in enumerate(normal + bad):
+            s = ds.samples[i]
+            ax = axes[r, j]
+            ax.imshow(Image.open(root / d / s["img_path"]).resize((px, px)))
+            if s["mask_path"]:
+                m = np.asarray(Image.open(root / d / s["mask_path"]).resize((px, px))) > 127
+                ax.contour(m, [0.5], colors="red", linewidths=0.6)
+            ax.set_xticks([]), ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"{cls}\n({d})", fontsize=6)
+            if j == 0:
+                ax.set_ylabel("good" if r < n_normal else "defect", fontsize=7)
+    fig.subplots_adjust(wspace=0.04, hspace=0.04, left=0.02, right=0.99, top=0.9, bottom=0.01)
+    return fig
+
+
+def plot_method_maps(images: Sequence[np.ndarray], masks: Sequence[np.ndarray],
+                     rows: Mapping[str, Sequence[np.ndarray]], titles: Sequence[str],
+                     cell: float = 1.7) -> plt.Figure:
+    """Methods side by side (notebook 07). Top row: the images ``(H, W, 3)`` in [0, 1] with the
+    mask outline; then one row of maps per method (``rows``: name -> one map per image), one
+    colour scale per row (its min to max), so each method's own ranking is what shows."""
+    fig, axes = plt.subplots(1 + len(rows), len(images),
+                             figsize=(cell * len(images), cell * (1 + len(rows))), squeeze=False)
+    for j, (img, mask) in enumerate(zip(images, masks)):
+        axes[0, j].imshow(np.clip(img, 0, 1))
+        axes[0, j].contour(mask, levels=[0.5], colors="lime", linewidths=0.8)
+        axes[0, j].set_title(titles[j], fontsize=8)
+    for i, (name, maps) in enumerate(rows.items(), start=1):
+        lo, hi = float(np.min(maps)), float(np.max(maps))
+        for j, m in enumerate(maps):
+            axes[i, j].imshow(m, cmap="jet", vmin=lo, vmax=max(hi, lo + 1e-12))
+        axes[i, 0].set_ylabel(name, fontsize=8)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    return fig

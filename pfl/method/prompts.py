@@ -3,7 +3,7 @@
 REFERENCE.md, "Prompts": the class-aware template is
 ``[SOS] [P context vectors] [Q state vectors] <class words> [EOT]``, padded to 77 tokens.
 The token ids are built once per class with ``P + Q`` placeholder tokens ("X"); the learnable
-vectors (plus one flow sample each, see :mod:`pfl.model`) replace the placeholders' rows of
+vectors (plus one flow sample each, see :mod:`pfl.method.model`) replace the placeholders' rows of
 the token-embedding sequence. The EOT position is that of the token-id skeleton, so the
 text tower reads the right output token.
 

@@ -15,8 +15,8 @@ peers) have no R and ignore it.
    (k = 2000 at 518 px, scaled by area: 374 at 224), then average them with weight 0.5 each.
    It uses the other test images of the category, so one image's score depends on the test
    set; use it only to compare with published numbers.
-4. Metrics per category and their mean (:func:`pfl.metrics.evaluate_records`), collected in a
-   :class:`pfl.results.Results` that prints the appendix's tables.
+4. Metrics per category and their mean (:func:`pfl.run.metrics.evaluate_records`), collected in a
+   :class:`pfl.run.results.Results` that prints the appendix's tables.
 
 >>> round(scaled_sigma(8.0, 518), 3), round(scaled_sigma(8.0, 224), 3)
 (8.0, 3.459)
@@ -34,60 +34,25 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from scipy import ndimage
 from tqdm.auto import tqdm
 
 from pfl.config import EvalConfig
-from pfl.features import FeatureStore, progress_enabled
-from pfl.method import Method
-from pfl.metrics import evaluate_records
-from pfl.results import PAPER_TABLES, Results
-
-REFERENCE_SIZE = 518  # the paper's input side: sigma and top-k are given at this size
-IMAGE_SCORES = ("per_image", "official_minmax")
-
-
-def scaled_sigma(sigma: float, image_size: int) -> float:
-    """Blur sigma in pixels at ``image_size`` for ``sigma`` given at 518 px."""
-    return sigma * image_size / REFERENCE_SIZE
-
-
-def scaled_topk(topk: int, image_size: int) -> int:
-    """Top-k count at ``image_size`` for ``topk`` given at 518 px (scaled by area, >= 1)."""
-    return max(1, round(topk * (image_size / REFERENCE_SIZE) ** 2))
-
-
-def safe_name(text: str) -> str:
-    """A file-name stem: letters, digits, ``-`` and ``_`` only (no dots: ``Path.with_suffix``).
-
-    >>> safe_name("medical_Bayes-PFL (untrained)"), safe_name("mvtec_tableA.4")
-    ('medical_Bayes-PFL_untrained', 'mvtec_tableA4')
-    """
-    out = "".join(ch if ch.isalnum() or ch in "-_" else ("" if ch == "." else "_")
-                  for ch in text)
-    while "__" in out:
-        out = out.replace("__", "_")
-    return out.strip("_")
-
-
-def smooth_maps(maps: np.ndarray | torch.Tensor, sigma: float) -> np.ndarray:
-    """Gaussian blur of each map ``(N, H, W)`` with ``sigma`` pixels (scipy, 'reflect' edges,
-    truncated at 4 sigma), as float32; ``sigma <= 0`` returns the maps unchanged."""
-    if isinstance(maps, torch.Tensor):
-        maps = maps.detach().float().cpu().numpy()
-    maps = np.asarray(maps, dtype=np.float32)
-    if maps.ndim != 3:
-        raise ValueError(f"maps must be (N, H, W), got {maps.shape}")
-    if sigma <= 0:
-        return maps
-    return ndimage.gaussian_filter(maps, sigma=(0, sigma, sigma), mode="reflect", truncate=4.0)
-
-
-def topk_mean(maps: np.ndarray, k: int) -> np.ndarray:
-    """Mean of the ``k`` largest values of each map ``(N, H, W) -> (N,)``."""
-    flat = np.asarray(maps).reshape(len(maps), -1)
-    k = min(k, flat.shape[1])
-    return np.partition(flat, flat.shape[1] - k, axis=1)[:, -k:].mean(axis=1)
+from pfl.data.preprocess import denormalize
+from pfl.method.contract import Method
+from pfl.run.checkpoints import load_run
+from pfl.run.features import FeatureStore, profile_store, progress_enabled
+from pfl.run.metrics import METRICS, evaluate_records, image_metrics
+from pfl.run.postprocess import (
+    IMAGE_SCORES,
+    safe_name,
+    scaled_sigma,
+    scaled_topk,
+    smooth_maps,
+    topk_mean,
+)
+from pfl.run.results import PAPER_TABLES, Results
+from pfl.utils import atomic_write
+from pfl.viz.plots import plot_anomaly_maps, save_figure
 
 
 def _minmax(x: np.ndarray) -> np.ndarray:
@@ -123,7 +88,6 @@ def image_auroc_by_category(scores: np.ndarray, labels: np.ndarray,
     ...                         ["a", "a", "b", "b"]).tolist()
     [1.0, 0.0, 0.5]
     """
-    from pfl.metrics import image_metrics
 
     names = np.asarray(cls_names)
     per = {c: image_metrics(np.asarray(scores)[names == c], np.asarray(labels)[names == c])
@@ -238,7 +202,7 @@ class EvalResult:
     """One dataset's evaluation.
 
     table: per-category metrics (fractions) and their ``mean`` row (columns
-    :data:`pfl.metrics.METRICS`). samples: one row per image (path, category, label, image
+    :data:`pfl.run.metrics.METRICS`). samples: one row per image (path, category, label, image
     score, the method's own score, map max). predictions: kept when asked for.
     """
 
@@ -306,8 +270,6 @@ def qualitative_figures(store: FeatureStore, pred: PredictionSet, figures_dir: s
     relative to the dataset's root)."""
     import matplotlib.pyplot as plt
 
-    from pfl.preprocess import denormalize
-    from pfl.viz import plot_anomaly_maps, save_figure
 
     if store.dataset is None:
         return []
@@ -342,7 +304,7 @@ def evaluate_all(method: Method, stores: Mapping[str, FeatureStore],
                  seed: int = 0, figures: bool = True, progress: bool | None = None
                  ) -> tuple[Results, dict[str, EvalResult]]:
     """Evaluate ``method`` on several target datasets; collect every value in a
-    :class:`pfl.results.Results` (``method_name``, dataset, category, metric, ``seed``).
+    :class:`pfl.run.results.Results` (``method_name``, dataset, category, metric, ``seed``).
 
     With ``out_dir``: ``results.csv`` (long form), per dataset ``tables/<dataset>.csv/.md``
     (categories x metrics) and ``tables/<dataset>_tableA4.md`` ... ``A9`` (the appendix
@@ -360,7 +322,6 @@ def evaluate_all(method: Method, stores: Mapping[str, FeatureStore],
         results.add_metrics(res.table, method_name, name, seed=seed)
         evals[name] = res
         if out is not None:
-            from pfl.utils import atomic_write
 
             atomic_write(out / "samples" / f"{name}.csv",
                          lambda p, r=res: r.samples.to_csv(p, index=False))
@@ -387,7 +348,6 @@ def write_tables(results: Results, out_dir: str | Path) -> list[Path]:
 
 def summary_frame(results: Results, metrics: Sequence[str] | None = None) -> pd.DataFrame:
     """Mean over categories per (method, dataset) and metric, fractions: one row each."""
-    from pfl.metrics import METRICS
 
     metrics = list(metrics or METRICS)
     rows = {}
@@ -407,7 +367,6 @@ def evaluate_profile(method: Method, profile, out_dir: str | Path | None = None,
                      progress: bool | None = None) -> tuple[Results, dict[str, EvalResult]]:
     """:func:`evaluate_all` on the test splits of the profile's target datasets
     (``profile.data.targets`` unless ``datasets`` names others under its data root)."""
-    from pfl.features import profile_store
 
     names = list(datasets or profile.data.targets)
     stores = {n: profile_store(profile, method.backbone, n, "test", progress=progress)
@@ -419,12 +378,11 @@ def evaluate_profile(method: Method, profile, out_dir: str | Path | None = None,
 def evaluate_run(checkpoint: str | Path, out_dir: str | Path, *,
                  datasets: Sequence[str] | None = None, progress: bool | None = None,
                  **eval_overrides) -> tuple[Results, dict[str, EvalResult]]:
-    """Rebuild a training run (:func:`pfl.train.load_run`) and evaluate it zero-shot.
+    """Rebuild a training run (:func:`pfl.run.checkpoints.load_run`) and evaluate it zero-shot.
 
     ``eval_overrides``: :class:`EvalConfig` fields to change for this evaluation (e.g.
     ``mc_samples=20``, ``image_score="official_minmax"``); ``None`` values are ignored.
     """
-    from pfl.train import load_run
 
     method, profile = load_run(checkpoint)
     overrides = {k: v for k, v in eval_overrides.items() if v is not None}

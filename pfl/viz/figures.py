@@ -3,7 +3,7 @@
 ``python -m pfl figures`` (and ``make figures``) runs ``notebooks/NN_*.ipynb`` one after the
 other in a fresh kernel each (:mod:`nbclient`), with ``PFL_PROFILE`` set for the kernel and
 the working folder ``notebooks/`` (where the notebooks write ``../figures``). The figures
-and the CSVs behind them are the notebooks' side effects (:func:`pfl.viz.save_figure`), so
+and the CSVs behind them are the notebooks' side effects (:func:`pfl.viz.plots.save_figure`), so
 ``figures/`` ends up exactly as the notebooks make it. ``clean=True`` first removes every PNG
 and CSV in ``figures/`` (``README.md`` stays), to rebuild from a clean state.
 
@@ -31,6 +31,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pfl.config import PROFILES, repo_root
+from pfl.utils import atomic_write
+
 NOTEBOOK_NAME = re.compile(r"^(\d+)[a-z]?_[^/]*\.ipynb$")  # 00_x, 00b_y (after 00_x), 01_z
 FIGURE_NAME = re.compile(r"\b(\d\d[a-z]?_[A-Za-z0-9_\-]+\.(?:png|csv))\b")
 FIGURE_SUFFIXES = (".png", ".csv")
@@ -39,7 +42,6 @@ THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 def default_dirs() -> tuple[Path, Path]:
     """``(notebooks/, figures/)`` of the checkout."""
-    from pfl.config import repo_root
 
     return repo_root() / "notebooks", repo_root() / "figures"
 
@@ -95,7 +97,6 @@ def kernel_env(profile: str | None = None, threads: int | None = 1) -> dict[str,
     thread unless the thread variables are already set (``threads=None`` leaves them)."""
     env = dict(os.environ)
     if profile is not None:
-        from pfl.config import PROFILES
 
         if profile not in PROFILES:
             raise ValueError(f"unknown profile {profile!r}: choose one of {PROFILES}")
@@ -126,7 +127,6 @@ def execute_notebook(path: str | Path, *, env: dict[str, str] | None = None,
     client.execute(env=env if env is not None else kernel_env())
     seconds = time.perf_counter() - t0
     if save:
-        from pfl.utils import atomic_write
 
         atomic_write(path, lambda tmp: nbformat.write(nb, tmp))
     return seconds

@@ -1,0 +1,2 @@
+"""Bayes-PFL itself: planar prompt flows, prompt banks, RCA, losses and the model, plus the
+:mod:`~pfl.method.contract` that every method (Bayes-PFL and the peers) meets."""

@@ -1,0 +1,54 @@
+"""Map post-processing shared by evaluation, prediction and the explorer: the blur, top-k
+scores and sizes given at the paper's 518 px, and safe file names."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+REFERENCE_SIZE = 518  # the paper's input side: sigma and top-k are given at this size
+IMAGE_SCORES = ("per_image", "official_minmax")
+
+
+def scaled_sigma(sigma: float, image_size: int) -> float:
+    """Blur sigma in pixels at ``image_size`` for ``sigma`` given at 518 px."""
+    return sigma * image_size / REFERENCE_SIZE
+
+
+def scaled_topk(topk: int, image_size: int) -> int:
+    """Top-k count at ``image_size`` for ``topk`` given at 518 px (scaled by area, >= 1)."""
+    return max(1, round(topk * (image_size / REFERENCE_SIZE) ** 2))
+
+
+def safe_name(text: str) -> str:
+    """A file-name stem: letters, digits, ``-`` and ``_`` only (no dots: ``Path.with_suffix``).
+
+    >>> safe_name("medical_Bayes-PFL (untrained)"), safe_name("mvtec_tableA.4")
+    ('medical_Bayes-PFL_untrained', 'mvtec_tableA4')
+    """
+    out = "".join(ch if ch.isalnum() or ch in "-_" else ("" if ch == "." else "_")
+                  for ch in text)
+    while "__" in out:
+        out = out.replace("__", "_")
+    return out.strip("_")
+
+
+def smooth_maps(maps: np.ndarray | torch.Tensor, sigma: float) -> np.ndarray:
+    """Gaussian blur of each map ``(N, H, W)`` with ``sigma`` pixels (scipy, 'reflect' edges,
+    truncated at 4 sigma), as float32; ``sigma <= 0`` returns the maps unchanged."""
+    if isinstance(maps, torch.Tensor):
+        maps = maps.detach().float().cpu().numpy()
+    maps = np.asarray(maps, dtype=np.float32)
+    if maps.ndim != 3:
+        raise ValueError(f"maps must be (N, H, W), got {maps.shape}")
+    if sigma <= 0:
+        return maps
+    return ndimage.gaussian_filter(maps, sigma=(0, sigma, sigma), mode="reflect", truncate=4.0)
+
+
+def topk_mean(maps: np.ndarray, k: int) -> np.ndarray:
+    """Mean of the ``k`` largest values of each map ``(N, H, W) -> (N,)``."""
+    flat = np.asarray(maps).reshape(len(maps), -1)
+    k = min(k, flat.shape[1])
+    return np.partition(flat, flat.shape[1] - k, axis=1)[:, -k:].mean(axis=1)
