@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pfl.baselines.hooks import append_tokens, overwrite_tokens
 from pfl.clip.backbone import (
     Backbone,
     MissingWeightsError,
@@ -158,11 +159,12 @@ def test_deep_prompt_paths(tiny):
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, 3, 112, 112, generator=g)
     plain = tiny.encode_image(x)
-    empty = tiny.encode_image(x, deep_prompts=torch.zeros(2, 0, tiny.vision_width))
+    n_tok = 1 + tiny.grid[0] * tiny.grid[1]
+    empty = tiny.encode_image(x, append_tokens(torch.zeros(2, 0, tiny.vision_width), n_tok))
     assert torch.allclose(empty.patches, plain.patches, atol=1e-5)
     assert torch.allclose(empty.global_, plain.global_, atol=1e-5)
     vp = (0.5 * torch.randn(2, 3, tiny.vision_width, generator=g)).requires_grad_(True)
-    prompted = tiny.encode_image(x, deep_prompts=vp)
+    prompted = tiny.encode_image(x, append_tokens(vp, n_tok))
     assert prompted.patches.shape == plain.patches.shape
     assert (prompted.patches - plain.patches).abs().max() > 1e-3
     prompted.global_.sum().backward()
@@ -174,7 +176,7 @@ def test_deep_prompt_paths(tiny):
     # deep prompts are whole tokens (no positional embedding is added to them): replacing the
     # slot at block 0 by its own embedded tokens leaves the features unchanged
     own = (emb + tiny.clip.positional_embedding[: emb.shape[1]])[:, 1:3].unsqueeze(0)
-    same = tiny.encode_text_embeddings(emb, eot, deep_prompts=own)
+    same = tiny.encode_text_embeddings(emb, eot, overwrite_tokens(own))
     assert torch.allclose(same, ref, atol=1e-5)
     tp = 0.5 * torch.randn(2, 2, tiny.text_width, generator=g)
-    assert (tiny.encode_text_embeddings(emb, eot, deep_prompts=tp) - ref).abs().max() > 1e-3
+    assert (tiny.encode_text_embeddings(emb, eot, overwrite_tokens(tp)) - ref).abs().max() > 1e-3

@@ -12,11 +12,11 @@ frozen; what learns is
 * the patch adapters (one linear map per tapped layer, APRIL-GAN's
   :class:`~pfl.baselines.aprilgan.LayerAdapters`) and a linear map of the global feature.
 
-The prompts enter the towers through :class:`pfl.clip.backbone.Backbone`'s ``deep_prompts`` paths:
+The prompts enter the towers through the backbone's ``tokens_hook`` (:mod:`pfl.baselines.hooks`):
 in the image tower they are extra tokens appended before block 0 and replaced before each of
-the first J blocks (VPT-deep; :meth:`~pfl.clip.backbone.Backbone.encode_image`), in the text tower
+the first J blocks (VPT-deep, :func:`~pfl.baselines.hooks.append_tokens`), in the text tower
 they overwrite n placeholder tokens right after SOS before each of the first J blocks
-(:meth:`~pfl.clip.backbone.Backbone.encode_text_embeddings`). Because the visual prompts change the
+(:func:`~pfl.baselines.hooks.overwrite_tokens`). Because the visual prompts change the
 image tower, AdaCLIP cannot use cached features: it reads ``Batch.images``.
 
 The text is AdaCLIP's small ensemble, 7 normal and 5 abnormal states (the WinCLIP state words)
@@ -69,6 +69,7 @@ from sklearn.exceptions import ConvergenceWarning
 from torch import Tensor, nn
 
 from pfl.baselines.aprilgan import LayerAdapters, pair_logit_diff, segmentation_loss
+from pfl.baselines.hooks import append_tokens, overwrite_tokens
 from pfl.baselines.winclip import WINCLIP_ABNORMAL_STATES, WINCLIP_NORMAL_STATES
 from pfl.clip.backbone import Backbone, ImageFeatures
 from pfl.clip.zeroshot import state_prompts
@@ -308,9 +309,9 @@ class AdaCLIP(nn.Module):
         c, s = eot.shape
         device = self.backbone.clip.token_embedding.weight.device
         ids, eot = ids.reshape(c * s, -1).to(device), eot.reshape(c * s).to(device)
-        deep = None if prompts is None else prompts.repeat_interleave(s, dim=1)
+        hook = None if prompts is None else overwrite_tokens(prompts.repeat_interleave(s, dim=1))
         feats = self.backbone.encode_text_embeddings(self.backbone.token_embedding(ids), eot,
-                                                     deep).view(c, s, -1)
+                                                     hook).view(c, s, -1)
         rows = [feats[:, :n_normal].mean(1), feats[:, n_normal:].mean(1)]
         return F.normalize(torch.stack(rows, dim=1), dim=-1)
 
@@ -345,7 +346,8 @@ class AdaCLIP(nn.Module):
         frozen = batch.features(self.backbone).global_  # input of the dynamic prompts
         visual = self.prompts("V", frozen)
         feats = (batch.features(self.backbone) if visual is None
-                 else self.backbone.encode_image(batch.images, deep_prompts=visual))
+                 else self.backbone.encode_image(
+                     batch.images, append_tokens(visual, 1 + math.prod(self.backbone.grid))))
         return feats, self.text_features(batch.cls_names, frozen)
 
     def encode(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:

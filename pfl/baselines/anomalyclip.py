@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pfl.baselines.aprilgan import pair_logit_diff, segmentation_loss, upsample_probs
+from pfl.baselines.hooks import overwrite_tokens
 from pfl.clip.backbone import Backbone, ImageFeatures
 from pfl.method.contract import Batch, Prediction, StepLoss
 from pfl.method.losses import ce_loss
@@ -89,30 +90,17 @@ def encode_text_deep(backbone: Backbone, x: Tensor, eot: Tensor, deep: Tensor | 
     """The truncated text path with deep prompt tokens: ``(N, L, D)`` embeddings -> ``(N, E)``.
 
     Before text block ``i`` (1-based, ``2 <= i <= 1 + n_deep``) the tokens at positions
-    ``1..deep_len`` are replaced by ``deep[i - 2]``. With ``deep=None`` this equals
-    :meth:`Backbone.encode_text_embeddings` (tested). Gradients flow into ``x`` and ``deep``.
+    ``1..deep_len`` are replaced by ``deep[i - 2]`` (:func:`pfl.baselines.hooks.overwrite_tokens`
+    from the second block on). With ``deep=None`` this is
+    :meth:`Backbone.encode_text_embeddings`. Gradients flow into ``x`` and ``deep``.
 
     Args:
         x: token embeddings with the learnable context already spliced in.
         eot: ``(N,)`` EOT positions.
         deep: ``(n_deep, deep_len, D)`` or None.
     """
-    clip = backbone.clip
-    if not getattr(clip.transformer, "batch_first", True):
-        raise ValueError("encode_text_deep expects an open_clip text transformer with batch_first")
-    length = int(eot.max()) + 1
-    x = x[:, :length].to(backbone.dtype) + clip.positional_embedding[:length].to(backbone.dtype)
-    mask = clip.attn_mask[:length, :length] if clip.attn_mask is not None else None
-    n_deep = 0 if deep is None else deep.shape[0]
-    for i, blk in enumerate(clip.transformer.resblocks):
-        if 1 <= i <= n_deep:
-            d = deep[i - 1].to(x.dtype).expand(x.shape[0], -1, -1)
-            x = torch.cat([x[:, :1], d, x[:, 1 + d.shape[1]:]], dim=1)
-        x = blk(x, attn_mask=mask)
-    x = clip.ln_final(x)[torch.arange(x.shape[0], device=x.device), eot]
-    proj = clip.text_projection
-    x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
-    return F.normalize(x, dim=-1)
+    hook = None if deep is None else overwrite_tokens(deep, first_block=1)
+    return backbone.encode_text_embeddings(x, eot, hook)
 
 
 @dataclass

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from open_clip.model import resize_pos_embed
 from torch import nn
 
 from pfl.config import BackboneConfig, active
+from pfl.utils import content_keys
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 TINY_WEIGHTS = ASSETS / "tiny_clip.safetensors"
@@ -147,16 +149,34 @@ def create_clip(cfg: BackboneConfig) -> nn.Module:
     return model
 
 
+# A peer method's way into a tower: ``hook(j, tokens)`` is called before block j with the
+# batch-first token sequence ``(N, T, W)`` and returns the sequence block j reads.
+TokensHook = Callable[[int, torch.Tensor], torch.Tensor]
+
+
 @dataclass
 class ImageFeatures:
     """What the image tower gives for a batch.
 
     global_: (N, E) projected CLS feature (after ``ln_post`` and ``proj``), not normalised.
     patches: (N, L, T, W) residual stream after each tapped block, CLS dropped, pre-``ln_post``.
+    image_keys: (N,) int64 hash of each input image's pixels (:func:`pfl.utils.content_keys`),
+        or None for features built by hand; methods that sample seed an image's noise with it.
     """
 
     global_: torch.Tensor
     patches: torch.Tensor
+    image_keys: torch.Tensor | None = None
+
+    def select(self, rows) -> ImageFeatures:
+        """The rows ``rows`` (a list, slice or index tensor) of every field."""
+        keys = None if self.image_keys is None else self.image_keys[rows]
+        return ImageFeatures(self.global_[rows], self.patches[rows], keys)
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> ImageFeatures:
+        """Features moved/cast (the keys stay int64 on the CPU)."""
+        return ImageFeatures(self.global_.to(device=device, dtype=dtype),
+                             self.patches.to(device=device, dtype=dtype), self.image_keys)
 
 
 class Backbone(nn.Module):
@@ -215,17 +235,19 @@ class Backbone(nn.Module):
         return self.clip.positional_embedding.shape[0]
 
     # --- image path --------------------------------------------------------------------------
-    def encode_image(
-        self, images: torch.Tensor, deep_prompts: torch.Tensor | None = None
-    ) -> ImageFeatures:
-        """images (N, 3, S, S), CLIP-normalised -> :class:`ImageFeatures`.
+    def encode_image(self, images: torch.Tensor,
+                     tokens_hook: TokensHook | None = None) -> ImageFeatures:
+        """images (N, 3, S, S), CLIP-normalised -> :class:`ImageFeatures` (with ``image_keys``).
 
-        deep_prompts: optional (J, n, W) or (J, N, n, W) visual prompt tokens for the first J
-        blocks (AdaCLIP-style, VPT-deep): before block j the previous prompt tokens are
-        replaced by ``deep_prompts[j]``; they never appear in the outputs. Gradients flow into
-        them (and through the frozen tower); without prompts the pass runs under no_grad.
+        tokens_hook: the extension point for methods that change the tower (e.g. AdaCLIP's
+        visual prompts): ``tokens_hook(j, x)`` gets the tokens ``(N, T', W)`` before block j
+        (0-based) and returns the tokens block j reads. The image's own ``T = 1 + gh gw``
+        tokens come first; the hook may append tokens after them, which never reach the
+        outputs. Gradients flow through the hook's tensors (the tower's weights stay frozen);
+        without a hook the pass runs under no_grad.
         """
-        if deep_prompts is None:
+        keys = content_keys(images)
+        if tokens_hook is None:
             with torch.no_grad():
                 out = self.clip.visual.forward_intermediates(
                     images.to(self.dtype),
@@ -233,21 +255,17 @@ class Backbone(nn.Module):
                     output_fmt="NLC",
                 )
             patches = torch.stack(out["image_intermediates"], dim=1)
-            return ImageFeatures(global_=out["image_features"], patches=patches)
+            return ImageFeatures(out["image_features"], patches, keys)
         visual = self.clip.visual
         x = visual._embeds(images.to(self.dtype))
-        n, n_tok = x.shape[0], x.shape[1]
+        n_tok = x.shape[1]
         taps = []
         for j, block in enumerate(visual.transformer.resblocks):
-            if j < deep_prompts.shape[0]:
-                p = deep_prompts[j].to(x.dtype)
-                p = p.expand(n, -1, -1)
-                x = torch.cat([x[:, :n_tok], p], dim=1)
-            x = _run_block(block, x, visual.transformer)
+            x = _run_block(block, tokens_hook(j, x), visual.transformer)
             if j + 1 in self.layers:
                 taps.append(x[:, 1:n_tok])
         pooled, _ = visual._pool(x[:, :n_tok])
-        return ImageFeatures(global_=pooled @ visual.proj, patches=torch.stack(taps, dim=1))
+        return ImageFeatures(pooled @ visual.proj, torch.stack(taps, dim=1), keys)
 
     def project_patches(self, patches: torch.Tensor) -> torch.Tensor:
         """Patch tokens (..., W) -> CLIP's joint space (..., E) through ``ln_post`` and ``proj``.
@@ -277,7 +295,7 @@ class Backbone(nn.Module):
         return ids.argmax(dim=-1)
 
     def encode_text_embeddings(
-        self, x: torch.Tensor, eot: torch.Tensor, deep_prompts: torch.Tensor | None = None
+        self, x: torch.Tensor, eot: torch.Tensor, tokens_hook: TokensHook | None = None
     ) -> torch.Tensor:
         """Token embeddings (N, L, W) with EOT positions (N,) -> normalised features (N, E).
 
@@ -286,23 +304,19 @@ class Backbone(nn.Module):
         the result equals the full 77-token pass (tested to 1e-5), at a fraction of the cost.
         Gradients flow to ``x`` (the towers' own weights stay frozen).
 
-        deep_prompts: optional (J, n, W) or (J, N, n, W) text prompt tokens: before block j < J
-        the tokens at positions 1..n (just after SOS) are replaced by ``deep_prompts[j]``, as in
-        deep prompt tuning; the caller reserves those positions (e.g. placeholder words).
+        tokens_hook: as in :meth:`encode_image`, called before every text block with the
+        ``(N, L', W)`` tokens (after the positional embedding); it must keep the length and
+        the EOT positions (e.g. deep prompt tuning overwrites positions 1..n after SOS).
         """
         clip = self.clip
         length = int(eot.max()) + 1
         x = x[:, :length].to(self.dtype) + clip.positional_embedding[:length].to(self.dtype)
         mask = clip.attn_mask[:length, :length] if clip.attn_mask is not None else None
-        if deep_prompts is None:
+        if tokens_hook is None:
             x = clip.transformer(x, attn_mask=mask)
         else:
             for j, block in enumerate(clip.transformer.resblocks):
-                if j < deep_prompts.shape[0]:
-                    p = deep_prompts[j].to(x.dtype)
-                    p = p.expand(x.shape[0], -1, -1)
-                    x = torch.cat([x[:, :1], p, x[:, 1 + p.shape[1]:]], dim=1)
-                x = _run_block(block, x, clip.transformer, mask)
+                x = _run_block(block, tokens_hook(j, x), clip.transformer, mask)
         x = clip.ln_final(x)
         x = x[torch.arange(x.shape[0], device=x.device), eot]
         proj = clip.text_projection
