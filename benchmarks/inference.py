@@ -46,6 +46,7 @@ from pfl.config import BackboneConfig, ModelConfig
 from pfl.method.contract import Batch, Prediction
 from pfl.method.model import BayesPFL
 from pfl.method.prompts import class_words, template_text
+from pfl.method.sampling import draw_noise
 from pfl.run.timing import measure
 
 PROFILES = {
@@ -132,8 +133,7 @@ def reference_bayes_pfl(model: BayesPFL, images: torch.Tensor, cls_names: list[s
             ids = bb.tokenize([template_text(P, Q, class_words(cls_names[n]))])
             eot = int(ids.argmax(-1))
             emb0 = bb.token_embedding(ids.to(images.device))[0]
-            eps = torch.randn((3, R, D), generator=torch.Generator().manual_seed(seeds[n]))
-            eps = eps.to(images.device)
+            eps = draw_noise([seeds[n]], (3, R, D), dtype=g.dtype, device=images.device)[0]
             # One sample at a time: the ISD offset (context) and the two IAD offsets (states).
             offsets = []
             for r in range(R):

@@ -13,7 +13,8 @@ import torch
 from pfl.clip.backbone import Backbone, ImageFeatures
 from pfl.config import BackboneConfig, EvalConfig, ModelConfig, TrainConfig
 from pfl.method.model import BayesPFL
-from pfl.run.features import FeatureStore
+from pfl.method.sampling import feature_keys, image_seeds
+from pfl.run.features import FeatureStore, subsample_dataset
 from pfl.run.metrics import METRICS
 from pfl.viz import ablations
 
@@ -103,10 +104,10 @@ def test_first_per_class_keeps_the_first_of_each_category_and_label():
                    for i, (c, y) in enumerate([("a", 0), ("a", 1), ("a", 0), ("a", 0),
                                                ("b", 1), ("b", 1), ("a", 1)])]
 
-    ds = ablations.first_per_class(Fake(), 2)
+    ds = subsample_dataset(Fake(), 2)
     assert [s["i"] for s in ds.samples] == [0, 1, 2, 4, 5, 6]
     with pytest.raises(ValueError):
-        ablations.first_per_class(Fake(), 0)
+        subsample_dataset(Fake(), 0)
 
 
 def test_run_once_is_reproducible_for_a_seed_and_differs_across_seeds(backbone):
@@ -130,9 +131,8 @@ def test_abnormal_text_embeddings_are_per_image_and_batch_size_free(backbone):
     np.testing.assert_allclose(one, again, atol=1e-6)
     assert np.abs(one - other).max() > 1e-4
     # Reference: the abnormal feature of bank 0 from the model's own forward with the same
-    # per-image seeds (drawn in store order from the draw's generator).
-    gen = torch.Generator().manual_seed(5)
-    seeds = model.image_seeds(len(store), None, gen)
+    # per-image seeds (from the draw's seed and each image's content key).
+    seeds = image_seeds(5, feature_keys(store.feats))
     with torch.no_grad():
         out = model.forward_features(store.feats, store.cls_names, seeds=seeds, bank_index=0,
                                      n_samples=1)

@@ -1,6 +1,5 @@
 """pfl.run.evaluate: the blur, the image-score recipes, the metrics path, tables and figures."""
 
-import contextlib
 import dataclasses
 
 import numpy as np
@@ -128,22 +127,16 @@ def test_bad_map_shape_is_a_clear_error():
 
 
 class _Sampling(ToyMethod):
-    """ToyMethod that records the R it would use (``inference_samples`` as BayesPFL has)."""
+    """ToyMethod that records the R it uses (``predict(..., n_samples)`` as BayesPFL has)."""
+
+    takes_n_samples = True
 
     def __init__(self):
         super().__init__()
         self.r, self.seen = 5, []
 
-    @contextlib.contextmanager
-    def inference_samples(self, n):
-        saved, self.r = self.r, n
-        try:
-            yield self
-        finally:
-            self.r = saved
-
-    def predict(self, batch, generator):
-        self.seen.append(self.r)
+    def predict(self, batch, generator, n_samples=None):
+        self.seen.append(n_samples or self.r)
         return super().predict(batch, generator)
 
 

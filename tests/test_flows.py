@@ -11,7 +11,6 @@ from pfl import config
 from pfl.method.flows import (
     GaussianEncoder,
     PromptFlow,
-    draw_noise,
     fit_reverse_kl,
     gaussian_kl_to_std_normal,
     invertible_u,
@@ -19,6 +18,7 @@ from pfl.method.flows import (
     planar_step,
     std_normal_log_prob,
 )
+from pfl.method.sampling import draw_noise, draw_seeds
 
 D = 5
 
@@ -130,7 +130,7 @@ def test_init_is_identity_flow_with_small_samples(compat, invertible, amortised)
     mu, sigma = flow.encoder(xi)
     assert torch.allclose(mu, torch.zeros_like(mu))
     assert torch.allclose(sigma, torch.full_like(sigma, 0.02))
-    eps = draw_noise(4, 10, 64, torch.Generator().manual_seed(0))
+    eps = draw_noise(draw_seeds(4, torch.Generator().manual_seed(0)), (10, 64)).transpose(0, 1)
     out = flow(xi, 10, eps=eps)
     # every step starts as the identity (u_hat = 0 for the invertible variant too): z_K = z0
     assert torch.allclose(out.z, 0.02 * eps, atol=1e-6)
@@ -213,15 +213,17 @@ def test_generator_reproducibility_and_batch_order():
     # the first image alone draws what it draws at the head of a batch
     alone = flow(xi[:1], 5, generator=torch.Generator().manual_seed(42)).z
     assert torch.allclose(alone[:, 0], a[:, 0], atol=1e-7)  # BLAS may differ in the last bit
-    eps = draw_noise(4, 5, D, torch.Generator().manual_seed(0))
+    eps = draw_noise(draw_seeds(4, torch.Generator().manual_seed(0)), (5, D)).transpose(0, 1)
     assert eps.shape == (5, 4, D)
-    assert torch.equal(eps[:, :1], draw_noise(1, 5, D, torch.Generator().manual_seed(0)))
+    alone = draw_noise(draw_seeds(1, torch.Generator().manual_seed(0)), (5, D)).transpose(0, 1)
+    assert torch.equal(eps[:, :1], alone)
 
 
 def test_draw_noise_is_standard_normal():
     from scipy import stats
 
-    eps = draw_noise(50, 40, 100, torch.Generator().manual_seed(0), dtype=torch.float64)
+    eps = draw_noise(draw_seeds(50, torch.Generator().manual_seed(0)), (40, 100),
+                     dtype=torch.float64).transpose(0, 1)
     x = eps.flatten().numpy()
     assert stats.kstest(x, "norm").pvalue > 1e-3
     assert abs(x.mean()) < 0.01 and abs(x.var() - 1) < 0.01
@@ -274,3 +276,19 @@ def test_reverse_kl_fit_moves_q_toward_target():
         generator=torch.Generator().manual_seed(0),
     )
     assert hist[-1] < 0.1 < hist[0]  # KL(q || p) (normalised target) from > 1 to ~0
+
+
+def test_generator_init_leaves_the_global_rng_alone_and_keeps_the_encoder():
+    # with a generator every init draw comes from it: the global stream is not consumed, and
+    # the encoder (drawn first) is the same whether or not planar heads follow
+    torch.manual_seed(11)
+    before = torch.get_rng_state()
+    planar = PromptFlow(D, 6, n_steps=3, generator=torch.Generator().manual_seed(1))
+    gauss = PromptFlow(D, 6, n_steps=3, flow_type="gaussian",
+                       generator=torch.Generator().manual_seed(1))
+    assert torch.equal(torch.get_rng_state(), before)
+    for (name, a), (_, b) in zip(planar.encoder.state_dict().items(),
+                                 gauss.encoder.state_dict().items()):
+        assert torch.equal(a, b), name
+    other = PromptFlow(D, 6, n_steps=3, generator=torch.Generator().manual_seed(2))
+    assert not torch.equal(other.encoder.f_mu[0].weight, planar.encoder.f_mu[0].weight)

@@ -155,18 +155,15 @@ def _capture_iad(model):
 
 
 def test_share_iad_samples(model, images):
+    # The shared IAD noise is that of the run's seed (here 0, also image 0's seed); a call
+    # without that seed (seed defaults to its first image's) draws anew. No state is kept.
     zs, handle = _capture_iad(model)
     try:
         _forward(model, images[:2], NAMES[:2], seeds=[0, 1])
-        model.cfg = dataclasses.replace(CFG, share_iad_samples=True)
-        model.reset_shared_iad()
-        _forward(model, images[:2], NAMES[:2], seeds=[0, 1])
-        _forward(model, images[2:], NAMES[2:], seeds=[2, 3])
-        model.reset_shared_iad()
-        _forward(model, images[2:], NAMES[2:], seeds=[2, 3])
+        _forward(model, images[:2], NAMES[:2], seeds=[0, 1], seed=0, share_iad=True)
+        _forward(model, images[2:], NAMES[2:], seeds=[2, 3], seed=0, share_iad=True)
+        _forward(model, images[2:], NAMES[2:], seeds=[2, 3], share_iad=True)
     finally:
-        model.cfg = CFG
-        model.reset_shared_iad()
         handle.remove()
     per_image, shared1, shared2, redrawn = zs
     R, D = CFG.mc_test, model.backbone.text_width
@@ -198,6 +195,18 @@ def test_training_mode_uses_one_bank_and_matches_inference(tiny_backbone, images
                                             generator=torch.Generator().manual_seed(s)).banks)
                  for s in range(10)}
     assert drawn == {0, 1, 2}
+
+
+def test_training_draws_are_reproducible_for_a_generator_seed(tiny_backbone, images):
+    model = BayesPFL(tiny_backbone, CFG, seed=0).train()
+    x, masks, labels = _batch(tiny_backbone, images)
+    batch = Batch(list(NAMES), feats=tiny_backbone.encode_image(x), masks=masks, labels=labels)
+    gen = torch.Generator().manual_seed(2)
+    a = [model.training_step(batch, gen).terms["total"] for _ in range(3)]
+    gen = torch.Generator().manual_seed(2)
+    b = [model.training_step(batch, gen).terms["total"] for _ in range(3)]
+    assert a == b
+    assert len(set(a)) > 1  # every step draws anew (bank index and noise)
 
 
 def test_several_training_samples_average_in_the_loss(tiny_backbone, images):
@@ -289,24 +298,97 @@ def test_method_contract(tiny_backbone, images):
     # one generator over the data: each image's draws do not depend on the batch size
     whole = model.predict(Batch(list(NAMES), feats=feats), torch.Generator().manual_seed(1))
     gen = torch.Generator().manual_seed(1)
-    halves = [model.predict(Batch(NAMES[i:i + 2], feats=type(feats)(feats.global_[i:i + 2],
-                                                                    feats.patches[i:i + 2])), gen)
+    halves = [model.predict(Batch(NAMES[i:i + 2], feats=feats.select(slice(i, i + 2))), gen)
               for i in (0, 2)]
     assert whole.maps.shape == masks.shape and whole.scores.shape == (4,)
     torch.testing.assert_close(torch.cat([h.maps for h in halves]), whole.maps, atol=1e-5, rtol=0)
 
 
-def test_inference_samples_sets_r_for_the_block_only(model, images):
-    # R = 2 inside the block is the same as asking forward for n_samples=2; the config is
-    # restored afterwards, also when the block raises.
-    want = _forward(model, images, NAMES, seeds=[0, 1, 2, 3], n_samples=2)
-    with model.inference_samples(2):
-        got = _forward(model, images, NAMES, seeds=[0, 1, 2, 3])
-    torch.testing.assert_close(got.anomaly_map, want.anomaly_map, atol=0, rtol=0)
+def test_predict_n_samples_sets_r_for_the_call_only(model, images):
+    # R = 2 through predict is the same as asking forward for n_samples=2 with the run seed;
+    # the config is never touched.
+    feats = model.backbone.encode_image(images)
+    want = _forward(model, images, NAMES, seed=7, n_samples=2)
+    got = model.predict(Batch(list(NAMES), feats=feats), torch.Generator().manual_seed(7),
+                        n_samples=2)
+    torch.testing.assert_close(got.maps, want.anomaly_map, atol=0, rtol=0)
     assert model.cfg.mc_test == CFG.mc_test
-    with pytest.raises(RuntimeError), model.inference_samples(3):
-        assert model.cfg.mc_test == 3
-        raise RuntimeError("inside")
-    assert model.cfg.mc_test == CFG.mc_test
-    with pytest.raises(ValueError, match="R must be >= 1"), model.inference_samples(0):
-        pass
+    default = model.predict(Batch(list(NAMES), feats=feats), torch.Generator().manual_seed(7))
+    assert not torch.equal(default.maps, got.maps)
+    with pytest.raises(ValueError, match="R must be >= 1"):
+        model.predict(Batch(list(NAMES), feats=feats), torch.Generator(), n_samples=0)
+
+
+def test_scores_depend_on_the_image_not_its_position(model, images):
+    # Issue #19: the same image alone, second, or fourth in a batch, in any order and batch
+    # size, gets the same map and score (its noise comes from the seed and its pixels).
+    feats = model.backbone.encode_image(images)
+    assert feats.image_keys is not None and len(set(feats.image_keys.tolist())) == 4
+    gen = torch.Generator().manual_seed(3)
+    whole = model.predict(Batch(list(NAMES), feats=feats), gen)
+    perm = [2, 0, 3, 1]
+    shuffled = model.predict(Batch([NAMES[i] for i in perm], feats=feats.select(perm)), gen)
+    torch.testing.assert_close(shuffled.maps, whole.maps[perm], atol=1e-6, rtol=0)
+    torch.testing.assert_close(shuffled.scores, whole.scores[perm], atol=1e-6, rtol=0)
+    for i in range(4):  # alone, from the pixels (keys recomputed by the tower)
+        alone = _forward(model, images[i:i + 1], NAMES[i:i + 1], seed=3)
+        torch.testing.assert_close(alone.anomaly_map[0], whole.maps[i], atol=1e-5, rtol=0)
+        torch.testing.assert_close(alone.score[0], whole.scores[i], atol=1e-5, rtol=0)
+    pairs = [model.predict(Batch(NAMES[i:i + 2], feats=feats.select(slice(i, i + 2))), gen)
+             for i in (0, 2)]
+    torch.testing.assert_close(torch.cat([p.scores for p in pairs]), whole.scores,
+                               atol=1e-6, rtol=0)
+    # the same pixels under another class name or in another slot: same noise, so a copy of
+    # image 0 scores exactly as image 0 does
+    dup = torch.stack([images[1], images[0], images[0]])
+    out = _forward(model, dup, [NAMES[1], NAMES[0], NAMES[0]], seed=3)
+    torch.testing.assert_close(out.score[1], out.score[2], atol=0, rtol=0)
+    # and the seed matters: another run seed moves the scores
+    other = model.predict(Batch(list(NAMES), feats=feats), torch.Generator().manual_seed(4))
+    assert (other.scores - whole.scores).abs().max() > 1e-6
+
+
+def test_flow_type_changes_only_the_flow_tensors(tiny_backbone):
+    # Every module draws its init from its own (seed, name) stream: a Gaussian model shares
+    # every tensor that is not a planar step with the flow model, bit for bit.
+    flow = BayesPFL(tiny_backbone, CFG, seed=0).trainable_state_dict()
+    gauss = BayesPFL(tiny_backbone, dataclasses.replace(CFG, flow_type="gaussian"),
+                     seed=0).trainable_state_dict()
+    shared = sorted(set(flow) & set(gauss))
+    only_flow = sorted(set(flow) - set(gauss))
+    assert only_flow and all(k.split(".")[1] in {"u_head", "w_head", "b_head"}
+                             for k in only_flow)
+    assert any(k.startswith("iad_encoder.") for k in shared)
+    for k in shared:
+        if gauss[k].numel() or flow[k].numel():
+            assert torch.equal(flow[k], gauss[k]) or k.split(".")[-1] in {"u", "w", "b"}, k
+    # the planar parameters of the free flows have K rows against 0: the rest is identical
+    assert [k for k in shared if not torch.equal(flow[k], gauss[k])] == [
+        k for k in shared if k.split(".")[-1] in {"u", "w", "b"} and flow[k].shape[0] > 0]
+    # building the model leaves the caller's global RNG alone
+    state = torch.get_rng_state()
+    BayesPFL(tiny_backbone, CFG, seed=0)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_checkpoint_holds_the_shared_encoder_once_and_old_layouts_load(tiny_backbone, model,
+                                                                      images):
+    state = model.trainable_state_dict()
+    assert not any(".encoder." in k and k.startswith(("iad_normal.", "iad_abnormal."))
+                   for k in state)
+    ptrs = [v.data_ptr() for v in state.values() if v.numel()]
+    assert len(ptrs) == len(set(ptrs))  # each tensor once
+    # the older layout repeated the IAD encoder under both IAD flows
+    enc = {k: v for k, v in state.items() if k.startswith("iad_encoder.")}
+    old = dict(state) | {f"iad_{s}.encoder.{k[len('iad_encoder.'):]}": v.clone()
+                         for s in ("normal", "abnormal") for k, v in enc.items()}
+    other = BayesPFL(tiny_backbone, CFG, seed=5).eval()
+    other.load_trainable_state_dict(old)
+    mine = _forward(model, images[:1], NAMES[:1], seeds=[0])
+    theirs = _forward(other, images[:1], NAMES[:1], seeds=[0])
+    assert torch.equal(mine.anomaly_map, theirs.anomaly_map)
+    bad = dict(old)
+    key = next(k for k in bad if k.startswith("iad_normal.encoder."))
+    bad[key] = bad[key] + 1
+    with pytest.raises(ValueError, match="shares"):
+        other.load_trainable_state_dict(bad)

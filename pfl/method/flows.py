@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pfl.method.sampling import draw_noise, draw_seeds
+
 FLOW_TYPES = ("planar", "gaussian")
 _LOG_2PI = math.log(2.0 * math.pi)
 _U_HAT_ZERO = math.log(math.e - 1.0)  # w^T u at which m(w^T u) = 0, i.e. u_hat = 0
@@ -141,13 +143,32 @@ def gaussian_kl_to_std_normal(mu: Tensor, std: Tensor) -> Tensor:
     return 0.5 * (std * std + mu * mu - 1.0 - 2.0 * torch.log(std)).sum(-1)
 
 
-def _mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
+def reset_linear(layer: nn.Linear, generator: torch.Generator | None) -> None:
+    """torch's default ``nn.Linear`` init (uniform, bound ``1 / sqrt(fan_in)`` for the bias,
+    Kaiming-uniform with ``a = sqrt(5)`` for the weight) drawn from ``generator``."""
+    nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
+    if layer.bias is not None:
+        bound = 1.0 / math.sqrt(layer.in_features) if layer.in_features else 0.0
+        nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
+
+
+def _linear(in_dim: int, out_dim: int, generator: torch.Generator | None) -> nn.Linear:
+    if generator is None:
+        return nn.Linear(in_dim, out_dim)
+    with torch.random.fork_rng(devices=[]):  # the throw-away default init: global RNG untouched
+        layer = nn.Linear(in_dim, out_dim)
+    reset_linear(layer, generator)
+    return layer
+
+
+def _mlp(in_dim: int, hidden: int, out_dim: int,
+         generator: torch.Generator | None = None) -> nn.Sequential:
     return nn.Sequential(
-        nn.Linear(in_dim, hidden),
+        _linear(in_dim, hidden, generator),
         nn.Softplus(),
-        nn.Linear(hidden, hidden),
+        _linear(hidden, hidden, generator),
         nn.Softplus(),
-        nn.Linear(hidden, out_dim),
+        _linear(hidden, out_dim, generator),
     )
 
 
@@ -168,7 +189,8 @@ class GaussianEncoder(nn.Module):
         ``f_sigma`` has zero weights and the bias giving ``sigma = init_std`` for every
         ``xi``. The samples are added to token embeddings of std ~0.02, so the default
         ``init_std = 0.02`` starts the prompts near their learned means instead of drowning
-        them in unit-variance noise. Other weights: torch's default init (global RNG).
+        them in unit-variance noise. Other weights: torch's default init, drawn from
+        ``generator`` (None: torch's global RNG).
     """
 
     def __init__(
@@ -178,14 +200,15 @@ class GaussianEncoder(nn.Module):
         hidden: int | None = None,
         official_compat: bool = False,
         init_std: float = 0.02,
+        generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         if init_std <= 0:
             raise ValueError(f"GaussianEncoder: init_std must be > 0, got {init_std}")
         hidden = in_dim if hidden is None else hidden
         self.dim, self.official_compat = dim, official_compat
-        self.f_mu = _mlp(in_dim, hidden, dim)
-        self.f_sigma = _mlp(in_dim, hidden, dim)
+        self.f_mu = _mlp(in_dim, hidden, dim, generator)
+        self.f_sigma = _mlp(in_dim, hidden, dim, generator)
         with torch.no_grad():
             self.f_mu[-1].weight.zero_()
             self.f_mu[-1].bias.zero_()
@@ -214,7 +237,8 @@ class GaussianEncoder(nn.Module):
         Args:
             xi: ``(N, C_in)``.
             n_samples: R.
-            generator: source of ``eps``; ``None`` uses torch's global RNG.
+            generator: source of the per-row seeds of ``eps``
+                (:func:`pfl.method.sampling.draw_seeds`); ``None`` uses torch's global RNG.
             eps: ``(R, N, D)`` standard-normal noise to use instead of drawing it.
 
         Returns:
@@ -226,7 +250,9 @@ class GaussianEncoder(nn.Module):
     def _sample(self, xi, n_samples, generator, eps):
         mu, sigma = self(xi)
         if eps is None:
-            eps = draw_noise(xi.shape[0], n_samples, self.dim, generator, xi.dtype, xi.device)
+            seeds = draw_seeds(xi.shape[0], generator)
+            eps = draw_noise(seeds, (n_samples, self.dim), dtype=xi.dtype,
+                             device=xi.device).transpose(0, 1)
         elif eps.shape != (n_samples, *mu.shape):
             raise ValueError(
                 f"eps has shape {tuple(eps.shape)}; expected (R, N, D) = {(n_samples, *mu.shape)}"
@@ -235,34 +261,6 @@ class GaussianEncoder(nn.Module):
         # log q0 from eps directly: exact even when sigma is tiny.
         log_q0 = (-0.5 * eps * eps - torch.log(sigma) - 0.5 * _LOG_2PI).sum(-1)
         return z0, log_q0, mu, sigma
-
-
-def draw_noise(
-    n: int,
-    n_samples: int,
-    dim: int,
-    generator: torch.Generator | None = None,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str | None = None,
-) -> Tensor:
-    """Standard-normal noise ``(R, N, D)``, image by image (Box-Muller on uniforms).
-
-    Note:
-        Image ``n``'s ``2 R D`` uniforms are the ``n``-th contiguous block of the generator's
-        stream, so on a CPU generator the first image of a batch gets exactly the draws it
-        gets alone (the model's batch-independence test relies on it). ``torch.randn`` does
-        not keep that prefix property: its CPU kernel transforms blocks of 16 values, so
-        the draws depend on the tensor's total size.
-
-    >>> a = draw_noise(4, 3, 5, torch.Generator().manual_seed(0))
-    >>> b = draw_noise(1, 3, 5, torch.Generator().manual_seed(0))
-    >>> torch.equal(a[:, :1], b)
-    True
-    """
-    uni = torch.rand((n, n_samples, 2, dim), generator=generator, dtype=dtype, device=device)
-    radius = torch.sqrt(-2.0 * torch.log1p(-uni[:, :, 0]))  # 1 - u in (0, 1]: finite
-    eps = radius * torch.cos(2.0 * math.pi * uni[:, :, 1])
-    return eps.transpose(0, 1)
 
 
 @dataclass
@@ -305,7 +303,10 @@ class PromptFlow(nn.Module):
         amortised: ``True`` ISD, ``False`` IAD.
         official_compat: the authors' ``sigma = exp(s / 4)`` (see :class:`GaussianEncoder`).
         init_std: ``sigma`` of q0 at init.
-        encoder: an existing :class:`GaussianEncoder` to share (the two IAD flows share one).
+        encoder: an existing :class:`GaussianEncoder` to use or share (the two IAD flows share
+            one).
+        generator: source of every init draw (None: torch's global RNG); the encoder (when
+            built here) draws first, so it does not depend on ``flow_type``.
 
     Note:
         Init: the learnable ``u`` and ``b`` are 0 (amortised: zero u and b heads), so each
@@ -330,6 +331,7 @@ class PromptFlow(nn.Module):
         official_compat: bool = False,
         init_std: float = 0.02,
         encoder: GaussianEncoder | None = None,
+        generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         if flow_type not in FLOW_TYPES:
@@ -340,21 +342,22 @@ class PromptFlow(nn.Module):
         self.flow_type, self.invertible, self.amortised = flow_type, invertible, amortised
         self.n_steps = n_steps if flow_type == "planar" else 0
         if encoder is None:
-            encoder = GaussianEncoder(cond_dim, dim, hidden, official_compat, init_std)
+            encoder = GaussianEncoder(cond_dim, dim, hidden, official_compat, init_std,
+                                      generator)
         elif encoder.dim != dim:
             raise ValueError(f"shared encoder has dim {encoder.dim}, this flow needs {dim}")
         self.encoder = encoder
         K = self.n_steps
         if amortised and K > 0:
-            self.u_head = nn.Linear(cond_dim, K * dim)
-            self.w_head = nn.Linear(cond_dim, K * dim)
-            self.b_head = nn.Linear(cond_dim, K)
+            self.u_head = _linear(cond_dim, K * dim, generator)
+            self.w_head = _linear(cond_dim, K * dim, generator)
+            self.b_head = _linear(cond_dim, K, generator)
             for head in (self.u_head, self.b_head):
                 nn.init.zeros_(head.weight)
                 nn.init.zeros_(head.bias)
         elif not amortised:
             self.u = nn.Parameter(torch.zeros(K, dim))
-            self.w = nn.Parameter(torch.randn(K, dim) / math.sqrt(dim))
+            self.w = nn.Parameter(torch.randn(K, dim, generator=generator) / math.sqrt(dim))
             self.b = nn.Parameter(torch.zeros(K))
 
     @classmethod
@@ -401,7 +404,8 @@ class PromptFlow(nn.Module):
         Args:
             xi: ``(N, C_in)`` conditioning vectors.
             n_samples: R (1 in training, 10 at inference).
-            generator: source of the noise (drawn per image, see :func:`draw_noise`).
+            generator: source of the per-image seeds of the noise
+                (:func:`pfl.method.sampling.draw_noise`).
             eps: ``(R, N, D)`` noise to use instead of drawing it.
         """
         if xi.dim() != 2 or xi.shape[1] != self.cond_dim:

@@ -23,18 +23,23 @@ whole batch; every bank prompt is still encoded so that L_ort sees the whole ban
 authors' code); maps and global logits use bank ``b`` only. Inference uses all B banks and
 ``R = mc_test``.
 
-Randomness: every image draws its noise from its own ``torch.Generator`` stream (a seed per
-image, given or drawn from one generator), so an image's result does not depend on the other
-images of its batch. The authors' code pairs each image with the ISD samples of every image
+Randomness (:mod:`pfl.method.sampling`): every image draws its noise from its own stream,
+seeded at inference by the run's seed and a hash of the image's pixels, so an image's map and
+score depend only on the image, the checkpoint and the seed: not on the batch size, the order
+or the other images. The authors' code pairs each image with the ISD samples of every image
 of the batch when the batch has more than one image; ``pfl`` does not reproduce that.
 
 ``official_compat=True`` switches to the authors' code where it differs from the paper:
 ``f_mu``/``f_sigma`` hidden width ``vision_width // 2`` (paper: the joint width C),
 ``sigma = exp(s / 4)`` in the flows (:class:`pfl.method.flows.GaussianEncoder`), bilinear
 upsampling with ``align_corners=True``, and the dice loss on both maps
-(:func:`pfl.method.losses.dice_loss`). ``share_iad_samples=True`` is the authors' inference: the
-IAD noise is drawn once (from the first image's stream) and reused for every later image
-until :meth:`BayesPFL.reset_shared_iad`; in training it is drawn once per step for the batch.
+(:func:`pfl.method.losses.dice_loss`). ``share_iad_samples=True`` (or ``share_iad=True`` per
+call) is the authors' inference: one IAD draw for every image of the run (the run seed's own
+stream); in training one per step.
+
+Init: every submodule draws from its own generator, seeded by ``(seed, module name)``
+(:func:`pfl.utils.derive_seed`), so changing one module (e.g. ``flow_type``) leaves every
+other tensor as it was.
 
 >>> import torch
 >>> from pfl.clip.backbone import Backbone
@@ -51,8 +56,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -63,10 +67,12 @@ from pfl.config import ModelConfig, TrainConfig
 from pfl.method.contract import Batch, Prediction, StepLoss
 from pfl.method.flows import GaussianEncoder, PromptFlow
 from pfl.method.losses import LossTerms, bayes_pfl_loss
-from pfl.method.prompts import PromptBank, build_skeleton
+from pfl.method.prompts import PromptBank, PromptTemplates
+from pfl.method.rca import RCA, LayerProjections
+from pfl.method.sampling import PromptNoise, prompt_noise
+from pfl.utils import generator_for
 
 TAU_INIT = math.log(1 / 0.07)  # REFERENCE.md "Maps, scores, losses": tau init log(1/0.07)
-_SEED_HIGH = 2**62  # per-image seeds drawn from a generator lie in [0, 2^62)
 
 
 @dataclass
@@ -123,49 +129,6 @@ def mean_sigmoid_upsampled(
     return torch.cat(parts).reshape(*lead, *size)
 
 
-class LayerProjections(nn.Module):
-    """Per-layer bias-free ``Linear(W_v -> E)``, then L2 normalisation (REFERENCE.md "Backbone").
-
-    One ``(L, E, W_v)`` weight so that all layers are one ``einsum``.
-    """
-
-    def __init__(self, n_layers: int, in_dim: int, out_dim: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(n_layers, out_dim, in_dim))
-
-    def forward(self, patches: Tensor) -> Tensor:
-        """``(N, L, T, W_v) -> F_s (N, L, T, E)``, unit norm."""
-        return F.normalize(torch.einsum("nltw,lew->nlte", patches, self.weight), dim=-1)
-
-
-class RCA(nn.Module):
-    """Text refinement with the patches of each layer (REFERENCE.md "RCA").
-
-    ``Q = Linear(E -> E, bias)(F_t)`` (shared by layers), ``K = V = F_s``, ``heads`` heads,
-    scale ``E^-0.5`` of the joint width (not the head width), softmax over patches, no output
-    projection; ``F_t' = normalize(attention + F_t)``.
-    """
-
-    def __init__(self, dim: int, heads: int = 4):
-        super().__init__()
-        if dim % heads:
-            raise ValueError(f"RCA: joint width {dim} is not divisible by {heads} heads")
-        self.heads, self.scale = heads, dim ** -0.5
-        self.query = nn.Linear(dim, dim)
-
-    def forward(self, text: Tensor, patches: Tensor) -> Tensor:
-        """``text (N, M, E)``, ``patches F_s (N, L, T, E)`` -> ``F_t' (N, L, M, E)``."""
-        n, m, e = text.shape
-        n_layers, t = patches.shape[1:3]
-        h, dh = self.heads, e // self.heads
-        q = self.query(text).view(n, 1, m, h, dh).transpose(2, 3)
-        q = q.expand(n, n_layers, h, m, dh).reshape(n * n_layers, h, m, dh)
-        kv = patches.reshape(n * n_layers, t, h, dh).transpose(1, 2)
-        att = F.scaled_dot_product_attention(q, kv, kv, scale=self.scale)  # (N L, h, M, dh)
-        att = att.transpose(1, 2).reshape(n, n_layers, m, e)
-        return F.normalize(att + text[:, None], dim=-1)
-
-
 def _init_linear(module: nn.Module, generator: torch.Generator) -> None:
     # The paper gives no init; the authors' code draws Linear weights N(0, 0.02^2), zero bias.
     for mod in module.modules():
@@ -194,6 +157,7 @@ class BayesPFL(nn.Module):
     """
 
     name = "Bayes-PFL"
+    takes_n_samples = True  # predict(..., n_samples=R): pfl.run.evaluate passes EvalConfig's R
 
     def __init__(self, backbone: Backbone, cfg: ModelConfig | None = None, seed: int = 0,
                  train_cfg: TrainConfig | None = None):
@@ -204,31 +168,39 @@ class BayesPFL(nn.Module):
         E, W, D = backbone.embed_dim, backbone.vision_width, backbone.text_width
         # Paper: hidden width C of f_mu/f_sigma; the authors' code: vision width / 2.
         hidden = cfg.mlp_hidden or (W // 2 if cfg.official_compat else E)
-        gen = torch.Generator().manual_seed(seed)
-        # torch's default inits (flows) use the global RNG: seed it without disturbing callers.
+
+        def gen(name: str) -> torch.Generator:  # one stream per module (module docstring)
+            return generator_for(seed, "BayesPFL", name)
+
+        flow_kw = dict(n_steps=cfg.flow_length, flow_type=cfg.flow_type,
+                       invertible=cfg.invertible, official_compat=cfg.official_compat)
+        # Building an nn.Linear draws torch's default init from the global RNG before the
+        # module's own generator overwrites it: keep the caller's stream untouched.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
             self.proj = LayerProjections(len(backbone.layers), W, E)
-            self.bank = PromptBank(cfg.n_prompts, cfg.n_ctx, cfg.n_state, D, generator=gen)
-            flow_kw = dict(hidden=hidden, n_steps=cfg.flow_length, flow_type=cfg.flow_type,
-                           invertible=cfg.invertible, official_compat=cfg.official_compat)
-            self.isd = PromptFlow(D, E, amortised=True, **flow_kw)
-            self.iad_encoder = GaussianEncoder(E, D, hidden, cfg.official_compat)
+            self.bank = PromptBank(cfg.n_prompts, cfg.n_ctx, cfg.n_state, D,
+                                   generator=gen("bank"))
+            isd_encoder = GaussianEncoder(E, D, hidden, cfg.official_compat,
+                                          generator=gen("isd.encoder"))
+            self.isd = PromptFlow(D, E, amortised=True, encoder=isd_encoder,
+                                  generator=gen("isd"), **flow_kw)
+            self.iad_encoder = GaussianEncoder(E, D, hidden, cfg.official_compat,
+                                               generator=gen("iad_encoder"))
             self.iad_normal = PromptFlow(D, E, amortised=False, encoder=self.iad_encoder,
-                                         **flow_kw)
+                                         generator=gen("iad_normal"), **flow_kw)
             self.iad_abnormal = PromptFlow(D, E, amortised=False, encoder=self.iad_encoder,
-                                           **flow_kw)
+                                           generator=gen("iad_abnormal"), **flow_kw)
             # Free IAD conditioning vectors (normal, abnormal); N(0, 1) as in the code.
-            self.iad_state = nn.Parameter(torch.randn(2, E, generator=gen))
+            self.iad_state = nn.Parameter(torch.randn(2, E, generator=gen("iad_state")))
             self.rca = RCA(E, cfg.rca_heads)
             self.phi = nn.Linear(E, E)
-        nn.init.normal_(self.proj.weight, std=0.02, generator=gen)
-        _init_linear(self.rca, gen)
-        _init_linear(self.phi, gen)
+        nn.init.normal_(self.proj.weight, std=0.02, generator=gen("proj"))
+        _init_linear(self.rca, gen("rca"))
+        _init_linear(self.phi, gen("phi"))
         self.tau_pix = nn.Parameter(torch.tensor(TAU_INIT))
         self.tau_img = nn.Parameter(torch.tensor(TAU_INIT))
-        self._skeletons: dict[str, tuple[Tensor, int]] = {}
-        self._shared_iad_eps: Tensor | None = None
+        self.templates = PromptTemplates(backbone.tokenize, cfg.n_ctx, cfg.n_state,
+                                         cfg.class_aware)
 
     # --- bookkeeping -------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -257,12 +229,43 @@ class BayesPFL(nn.Module):
                 groups["rest"].append(p)
         return groups
 
+    def _aliases(self) -> dict[str, str]:
+        """State-dict names that repeat a tensor already listed under an earlier name -> that
+        name (the IAD flows' ``encoder.*`` are ``iad_encoder.*``)."""
+        first: dict[int, str] = {}
+        aliases = {}
+        for name, t in self.state_dict(keep_vars=True).items():
+            if name.startswith("backbone."):
+                continue
+            if id(t) in first:
+                aliases[name] = first[id(t)]
+            else:
+                first[id(t)] = name
+        return aliases
+
     def trainable_state_dict(self) -> dict[str, Tensor]:
-        """The state of the new modules only (what a checkpoint needs; CLIP is loaded apart)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
+        """The state of the new modules only, each tensor once (CLIP is loaded apart)."""
+        aliases = self._aliases()
+        return {k: v.detach() for k, v in self.state_dict(keep_vars=True).items()
+                if not k.startswith("backbone.") and k not in aliases}
 
     def load_trainable_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Load :meth:`trainable_state_dict` output; the key sets must match exactly."""
+        """Load :meth:`trainable_state_dict` output; the key sets must match exactly.
+
+        A checkpoint in the older layout, which repeated the shared IAD encoder under
+        ``iad_normal.encoder.*`` and ``iad_abnormal.encoder.*``, loads too (the copies must
+        equal ``iad_encoder.*``).
+        """
+        state = dict(state)
+        for alias, name in self._aliases().items():
+            if alias not in state:
+                continue
+            copy = state.pop(alias)
+            if name not in state:
+                state[name] = copy
+            elif not torch.equal(copy, state[name]):
+                raise ValueError(f"checkpoint holds {alias!r} and {name!r}, which this model "
+                                 "shares, with different values: it was not saved by BayesPFL")
         want = set(self.trainable_state_dict())
         missing, unexpected = sorted(want - set(state)), sorted(set(state) - want)
         if missing or unexpected:
@@ -271,72 +274,22 @@ class BayesPFL(nn.Module):
                 f"missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
         self.load_state_dict(state, strict=False)
-        self.reset_shared_iad()
-
-    def train(self, mode: bool = True) -> BayesPFL:
-        super().train(mode)
-        self.reset_shared_iad()
-        return self
-
-    def reset_shared_iad(self) -> None:
-        """Forget the IAD noise kept by ``share_iad_samples`` (the next image draws anew)."""
-        self._shared_iad_eps = None
 
     # --- pieces ------------------------------------------------------------------------------
     def skeleton(self, class_names: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Template token ids ``(N, L)`` cut after the longest EOT, and EOT indices ``(N,)``."""
-        missing = [c for c in dict.fromkeys(class_names) if c not in self._skeletons]
-        if missing:
-            sk = build_skeleton(self.backbone.tokenize, missing, self.cfg.n_ctx,
-                                self.cfg.n_state, self.cfg.class_aware)
-            for i, c in enumerate(missing):
-                self._skeletons[c] = (sk.ids[i, : int(sk.eot[i]) + 1], int(sk.eot[i]))
-        eot = torch.tensor([self._skeletons[c][1] for c in class_names])
-        ids = torch.zeros(len(class_names), int(eot.max()) + 1, dtype=torch.long)
-        for i, c in enumerate(class_names):
-            row = self._skeletons[c][0]
-            ids[i, : row.numel()] = row
-        return ids, eot
+        return self.templates(class_names)
 
-    def image_seeds(self, n: int, seeds: Sequence[int] | Tensor | None,
-                    generator: torch.Generator | None) -> list[int]:
-        """One seed per image: ``seeds`` as given, else drawn from ``generator``."""
-        if seeds is None:
-            return torch.randint(_SEED_HIGH, (n,), generator=generator).tolist()
-        seeds = [int(s) for s in seeds]
-        if len(seeds) != n:
-            raise ValueError(f"got {len(seeds)} seeds for a batch of {n} images; give one each")
-        return seeds
-
-    def _noise(self, seeds: list[int], n_samples: int, device, dtype) -> Tensor:
-        # Per image one (3, R, D) block from its own stream: ISD, IAD normal, IAD abnormal.
-        D = self.backbone.text_width
-        eps = [torch.randn((3, n_samples, D), generator=torch.Generator().manual_seed(s))
-               for s in seeds]
-        return torch.stack(eps, dim=2).to(device=device, dtype=dtype)  # (3, R, N, D)
-
-    def _iad_noise(self, eps: Tensor) -> Tensor:
-        """IAD noise ``(2, R, N or 1, D)`` per ``share_iad_samples`` (see module docstring)."""
-        if not self.cfg.share_iad_samples:
-            return eps[1:]
-        first = eps[1:, :, :1]
-        if self.training:
-            return first
-        cached = self._shared_iad_eps
-        if cached is None or cached.shape != first.shape:
-            self._shared_iad_eps = cached = first.detach().clone()
-        return cached.to(first.device)
-
-    def sample_prompts(self, global_feature: Tensor, eps: Tensor, iad_eps: Tensor
+    def sample_prompts(self, global_feature: Tensor, noise: PromptNoise
                        ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """Flow samples: ISD ``(R, N, D)``, IAD ``(2, R, N or 1, D)``, and the flow losses.
 
         Vectorised over samples and images: one call per flow.
         """
-        R = eps.shape[0]
-        isd = self.isd(global_feature, R, eps=eps)
-        n_iad = iad_eps.shape[2]
-        iad = [flow(self.iad_state[s].expand(n_iad, -1), R, eps=iad_eps[s])
+        R = noise.isd.shape[0]
+        isd = self.isd(global_feature, R, eps=noise.isd)
+        n_iad = noise.iad.shape[2]
+        iad = [flow(self.iad_state[s].expand(n_iad, -1), R, eps=noise.iad[s])
                for s, flow in enumerate((self.iad_normal, self.iad_abnormal))]
         losses = {"isd": isd.loss, "normal": iad[0].loss, "abnormal": iad[1].loss}
         return isd.z, torch.stack([iad[0].z, iad[1].z]), losses
@@ -354,40 +307,43 @@ class BayesPFL(nn.Module):
         return feats.to(tok.dtype).view(n, b, r, 2, -1)
 
     # --- forward -----------------------------------------------------------------------------
-    def forward(self, images: Tensor, class_names: Sequence[str], *,
-                generator: torch.Generator | None = None,
-                seeds: Sequence[int] | Tensor | None = None,
-                bank_index: int | None = None, n_samples: int | None = None) -> BayesPFLOutput:
+    def forward(self, images: Tensor, class_names: Sequence[str], **kw) -> BayesPFLOutput:
         """``images (N, 3, S, S)`` (CLIP-normalised) and their class names -> outputs.
 
-        See :meth:`forward_features` for the other arguments.
+        The keyword arguments are those of :meth:`forward_features`.
         """
-        return self.forward_features(self.backbone.encode_image(images), class_names,
-                                     generator=generator, seeds=seeds, bank_index=bank_index,
-                                     n_samples=n_samples)
+        return self.forward_features(self.backbone.encode_image(images), class_names, **kw)
 
     def forward_features(self, feats: ImageFeatures, class_names: Sequence[str], *,
-                         generator: torch.Generator | None = None,
+                         seed: int | None = None,
                          seeds: Sequence[int] | Tensor | None = None,
-                         bank_index: int | None = None,
-                         n_samples: int | None = None) -> BayesPFLOutput:
+                         generator: torch.Generator | None = None,
+                         bank_index: int | None = None, n_samples: int | None = None,
+                         share_iad: bool | None = None) -> BayesPFLOutput:
         """The model on precomputed image features (:meth:`Backbone.encode_image`).
 
         Args:
-            feats: ``global_ (N, E)``, ``patches (N, L, T, W_v)``.
+            feats: ``global_ (N, E)``, ``patches (N, L, T, W_v)``, ``image_keys (N,)``.
             class_names: N dataset class names (mapped to words by :mod:`pfl.method.prompts`).
-            generator: source of the training bank index and of the per-image seeds when
-                ``seeds`` is None (None: torch's global RNG).
-            seeds: one int per image; image n's noise comes only from ``seeds[n]``.
+            seed: the run's seed: image n's noise comes from ``(seed, image_keys[n])``.
+            seeds: one int per image instead: image n's noise comes only from ``seeds[n]``.
+            generator: source of the training bank index, and of ``seed`` when neither
+                ``seed`` nor ``seeds`` is given (None: torch's global RNG).
             bank_index: training: the bank prompt b of this step (None: drawn from
                 ``generator``); inference: None uses all B, an int restricts to that one.
             n_samples: R (default ``mc_train`` in training, ``mc_test`` at inference).
+            share_iad: one IAD draw for all images (default ``cfg.share_iad_samples``).
         """
-        g, patches = feats.global_.float(), feats.patches.float()
+        dtype = self.tau_pix.dtype
+        g, patches = feats.global_.to(dtype), feats.patches.to(dtype)
         n = g.shape[0]
         if len(class_names) != n:
             raise ValueError(f"got {len(class_names)} class names for {n} images")
-        R = n_samples or (self.cfg.mc_train if self.training else self.cfg.mc_test)
+        R = n_samples if n_samples is not None else (
+            self.cfg.mc_train if self.training else self.cfg.mc_test)
+        if int(R) < 1:
+            raise ValueError(f"n_samples: R must be >= 1, got {R}")
+        R = int(R)
         B = self.cfg.n_prompts
         if bank_index is None and self.training:
             bank_index = int(torch.randint(B, (1,), generator=generator))
@@ -395,8 +351,10 @@ class BayesPFL(nn.Module):
             raise ValueError(f"bank_index {bank_index} outside 0..{B - 1}")
         banks = torch.arange(B) if bank_index is None else torch.tensor([bank_index])
 
-        eps = self._noise(self.image_seeds(n, seeds, generator), R, g.device, g.dtype)
-        isd, iad, flow_losses = self.sample_prompts(g, eps[0], self._iad_noise(eps))
+        share = self.cfg.share_iad_samples if share_iad is None else share_iad
+        noise = prompt_noise(feats, R, self.backbone.text_width, seed=seed, seeds=seeds,
+                             generator=generator, share_iad=share, dtype=dtype, device=g.device)
+        isd, iad, flow_losses = self.sample_prompts(g, noise)
         text = self.encode_prompts(class_names, isd, iad)  # (N, B, R, 2, E)
         pairs = text[:, banks.to(text.device)].reshape(n, -1, 2, text.shape[-1])  # (N, M, 2, E)
         M = pairs.shape[1]
@@ -463,12 +421,10 @@ class BayesPFL(nn.Module):
 
     # --- the harness contract (pfl.method.contract.Method) -------------------------------
     def _batch_features(self, batch: Batch) -> ImageFeatures:
-        feats = batch.features(self.backbone)
-        dev = self.tau_pix.device
-        return ImageFeatures(global_=feats.global_.to(dev), patches=feats.patches.to(dev))
+        return batch.features(self.backbone).to(self.tau_pix.device)
 
     def training_step(self, batch: Batch, generator: torch.Generator) -> StepLoss:
-        """One training batch: bank index and per-image seeds from ``generator``; every term."""
+        """One training batch: bank index and the step's seed from ``generator``; every term."""
         if batch.masks is None or batch.labels is None:
             raise ValueError("training_step needs a Batch with masks and labels")
         out = self.forward_features(self._batch_features(batch), batch.cls_names,
@@ -477,25 +433,16 @@ class BayesPFL(nn.Module):
         terms = self.loss(out, batch.masks.to(dev), batch.labels.to(dev), self.train_cfg)
         return StepLoss(terms.total, terms.as_dict())
 
-    @contextmanager
-    def inference_samples(self, n_samples: int):
-        """R = ``n_samples`` at inference inside the ``with`` block (``EvalConfig.mc_samples``)."""
-        if int(n_samples) < 1:
-            raise ValueError(f"inference_samples: R must be >= 1, got {n_samples}")
-        saved = self.cfg
-        self.cfg = replace(saved, mc_test=int(n_samples))
-        try:
-            yield self
-        finally:
-            self.cfg = saved
-
-    def predict(self, batch: Batch, generator: torch.Generator) -> Prediction:
+    def predict(self, batch: Batch, generator: torch.Generator,
+                n_samples: int | None = None) -> Prediction:
         """Anomaly maps ``(N, S, S)`` and global scores ``(N,)`` (no gradients).
 
-        The per-image seeds are drawn from ``generator`` in image order, so with one generator
-        over a dataset each image's draws do not depend on the batch size.
+        The run's seed is ``generator.initial_seed()`` (the generator's state is not used), so
+        each image's noise depends on that seed and the image only
+        (:mod:`pfl.method.sampling`): any batching or order gives the same maps and scores.
+        ``n_samples``: R (default ``cfg.mc_test``; ``EvalConfig.mc_samples`` in evaluation).
         """
         with torch.no_grad():
             out = self.forward_features(self._batch_features(batch), batch.cls_names,
-                                        generator=generator)
+                                        seed=generator.initial_seed(), n_samples=n_samples)
         return Prediction(maps=out.anomaly_map, scores=out.score)

@@ -139,6 +139,37 @@ def splice(token_emb: Tensor, ctx: Tensor, state: Tensor, start: int = 1) -> Ten
     return torch.cat([p.expand(*lead, p.shape[-2], W) for p in parts], dim=-2)
 
 
+class PromptTemplates:
+    """The token-id skeletons of class names, built once per class and kept.
+
+    Args:
+        tokenize: CLIP's tokenizer (``Backbone.tokenize``).
+        n_ctx, n_state: P and Q.
+        class_aware: see :func:`build_skeleton`.
+    """
+
+    def __init__(self, tokenize: Callable[[list[str]], Tensor], n_ctx: int, n_state: int,
+                 class_aware: bool = True):
+        self.tokenize, self.n_ctx, self.n_state = tokenize, n_ctx, n_state
+        self.class_aware = class_aware
+        self._rows: dict[str, tuple[Tensor, int]] = {}
+
+    def __call__(self, class_names: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Token ids ``(N, L)`` cut after the longest EOT of the batch, and EOT indices ``(N,)``."""
+        missing = [c for c in dict.fromkeys(class_names) if c not in self._rows]
+        if missing:
+            sk = build_skeleton(self.tokenize, missing, self.n_ctx, self.n_state,
+                                self.class_aware)
+            for i, c in enumerate(missing):
+                self._rows[c] = (sk.ids[i, : int(sk.eot[i]) + 1], int(sk.eot[i]))
+        eot = torch.tensor([self._rows[c][1] for c in class_names], dtype=torch.long)
+        ids = torch.zeros(len(class_names), int(eot.max()) + 1, dtype=torch.long)
+        for i, c in enumerate(class_names):
+            row = self._rows[c][0]
+            ids[i, : row.numel()] = row
+        return ids, eot
+
+
 class PromptBank(nn.Module):
     """B context prompts and B normal / B abnormal state prompts (REFERENCE.md "Prompts").
 

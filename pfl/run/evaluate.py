@@ -27,7 +27,6 @@ peers) have no R and ignore it.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -156,17 +155,17 @@ def predict_store(method: Method, store: FeatureStore, cfg: EvalConfig | None = 
     train_mode = getattr(method, "train", None)
     if callable(train_mode):
         train_mode(False)
-    samples = getattr(method, "inference_samples", None)  # R, for methods that sample
-    scope = (samples(cfg.mc_samples) if cfg.mc_samples is not None and callable(samples)
-             else nullcontext())
+    # R, for methods that sample (their predict takes n_samples; the peers draw nothing)
+    kw = ({"n_samples": cfg.mc_samples}
+          if cfg.mc_samples is not None and getattr(method, "takes_n_samples", False) else {})
     gen = torch.Generator().manual_seed(cfg.seed)
     sigma = scaled_sigma(cfg.sigma, store.image_size)
     maps, scores, masks, labels, names, paths = [], [], [], [], [], []
     bar = tqdm(total=len(store), desc=desc, unit="img", disable=not progress_enabled(progress))
     needs_images = bool(getattr(method, "needs_images", False))
-    with torch.no_grad(), scope:
+    with torch.no_grad():
         for batch in store.batches(cfg.batch_size, with_images=needs_images):
-            pred = method.predict(batch, gen)
+            pred = method.predict(batch, gen, **kw)
             if pred.maps.shape != batch.masks.shape:
                 raise ValueError(f"{method.name}.predict gave maps {tuple(pred.maps.shape)} for "
                                  f"masks {tuple(batch.masks.shape)}: maps must be (N, S, S) at "

@@ -49,7 +49,7 @@ from pfl.data.synthetic import SynthConfig, ensure_benchmark
 from pfl.method.contract import Batch
 from pfl.utils import atomic_write
 
-CACHE_VERSION = 1  # bump when the stored layout changes: old cache files are then ignored
+CACHE_VERSION = 2  # bump when the stored layout changes: old cache files are then ignored
 CACHE_MODES = ("memory", "disk", "none")
 
 _FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -152,7 +152,8 @@ class FeatureStore:
     """The frozen tower's output for every sample of one dataset split, with its ground truth.
 
     Attributes:
-        feats: ``global_ (N, E)``, ``patches (N, L, T, W)`` in the storage dtype.
+        feats: ``global_ (N, E)``, ``patches (N, L, T, W)`` in the storage dtype, and the
+            images' content keys ``image_keys (N,)`` (:func:`pfl.utils.content_keys`).
         masks: ``(N, S, S)`` uint8 in {0, 1} (zeros for normal images and image-label data).
         labels: ``(N,)`` int64, 0 normal / 1 anomalous.
         cls_names, paths: N category names and image paths.
@@ -198,7 +199,7 @@ class FeatureStore:
         """The samples at ``rows`` (a new store sharing nothing mutable with this one)."""
         idx = torch.as_tensor(list(rows), dtype=torch.long)
         return FeatureStore(
-            ImageFeatures(self.feats.global_[idx], self.feats.patches[idx]),
+            self.feats.select(idx),
             masks=self.masks[idx], labels=self.labels[idx],
             cls_names=[self.cls_names[i] for i in rows], paths=[self.paths[i] for i in rows],
             has_mask=self.has_mask, dataset=self.dataset,
@@ -239,8 +240,7 @@ class FeatureStore:
             yield Batch(
                 cls_names=[self.cls_names[i] for i in rows],
                 images=images,
-                feats=ImageFeatures(self.feats.global_[idx].to(dtype),
-                                    self.feats.patches[idx].to(dtype)),
+                feats=self.feats.select(idx).to(dtype=dtype),
                 masks=self.masks[idx].to(dtype),
                 labels=self.labels[idx].clone(),
                 paths=[self.paths[i] for i in rows],
@@ -252,6 +252,8 @@ class FeatureStore:
         tensors = {
             "global_": self.feats.global_.contiguous(),
             "patches": self.feats.patches.contiguous(),
+            **({} if self.feats.image_keys is None
+               else {"image_keys": self.feats.image_keys.contiguous()}),
             "masks": self.masks.to(torch.uint8).contiguous(),
             "labels": self.labels.to(torch.int64).contiguous(),
         }
@@ -268,7 +270,8 @@ class FeatureStore:
             meta = f.metadata()
         t = load_file(str(path))
         return cls(
-            ImageFeatures(t["global_"], t["patches"]), masks=t["masks"], labels=t["labels"],
+            ImageFeatures(t["global_"], t["patches"], t.get("image_keys")), masks=t["masks"],
+            labels=t["labels"],
             cls_names=json.loads(meta["cls_names"]), paths=json.loads(meta["paths"]),
             has_mask=json.loads(meta["has_mask"]), dataset=dataset,
             indices=json.loads(meta["indices"]),
@@ -308,7 +311,7 @@ def encode_dataset(backbone: Backbone, dataset, *, batch_size: int = 32,
     n = len(dataset)
     if n == 0:
         raise ValueError(f"dataset {getattr(dataset, 'root', dataset)!r} has no samples")
-    globals_, patches, masks, labels, names, paths, has_mask = [], [], [], [], [], [], []
+    globals_, patches, keys, masks, labels, names, paths, has_mask = ([] for _ in range(8))
     bar = tqdm(total=n, desc=desc, unit="img", disable=not progress_enabled(progress))
     for start in range(0, n, batch_size):
         b = _stack_samples([dataset[i] for i in range(start, min(n, start + batch_size))],
@@ -316,6 +319,7 @@ def encode_dataset(backbone: Backbone, dataset, *, batch_size: int = 32,
         f = backbone.encode_image(b["image"])
         globals_.append(f.global_.to(storage_dtype))
         patches.append(f.patches.to(storage_dtype))
+        keys.append(f.image_keys)
         masks.append((b["mask"] > 0.5).to(torch.uint8))
         labels.append(b["label"])
         names += b["cls_name"]
@@ -324,7 +328,8 @@ def encode_dataset(backbone: Backbone, dataset, *, batch_size: int = 32,
         bar.update(len(b["path"]))
     bar.close()
     return FeatureStore(
-        ImageFeatures(torch.cat(globals_), torch.cat(patches)), masks=torch.cat(masks),
+        ImageFeatures(torch.cat(globals_), torch.cat(patches), torch.cat(keys)),
+        masks=torch.cat(masks),
         labels=torch.cat(labels), cls_names=names, paths=paths, has_mask=all(has_mask),
         dataset=dataset,
     )
@@ -420,7 +425,7 @@ class StreamingStore:
                                self.backbone.image_size)
             f = self.backbone.encode_image(b["image"])
             yield Batch(cls_names=b["cls_name"], images=b["image"] if with_images else None,
-                        feats=ImageFeatures(f.global_.to(dtype), f.patches.to(dtype)),
+                        feats=f.to(dtype=dtype),
                         masks=(b["mask"] > 0.5).to(dtype), labels=b["label"], paths=b["path"])
 
 
@@ -440,9 +445,11 @@ def data_root(root: str | Path) -> Path:
     return base / root
 
 
-def profile_dataset(profile, name: str, split: str = "test", classes=None):
+def profile_dataset(profile, name: str, split: str = "test", classes=None,
+                    image_size: int | None = None):
     """The ``AnomalyDataset`` of dataset ``name`` (a folder under the profile's
-    data root), building the synthetic benchmark first when the profile says so."""
+    data root), building the synthetic benchmark first when the profile says so (at the
+    profile's size); read at ``image_size`` (default: the profile's backbone size)."""
 
     root = data_root(profile.data.root)
     if profile.data.synthetic:
@@ -452,7 +459,7 @@ def profile_dataset(profile, name: str, split: str = "test", classes=None):
                                            n_train_normal=n, n_train_anomalous=n,
                                            n_test_normal=n, n_test_anomalous=n))
     return AnomalyDataset(root / name, split, classes=classes,
-                          image_size=profile.backbone.image_size)
+                          image_size=image_size or profile.backbone.image_size)
 
 
 def resolve_cache(mode: str, backbone: Backbone, n_images: int) -> str:
@@ -465,11 +472,20 @@ def resolve_cache(mode: str, backbone: Backbone, n_images: int) -> str:
     return "disk" if size <= AUTO_CACHE_LIMIT else "none"
 
 
-def subsample_dataset(dataset, per_class: int):
+def subsample_dataset(dataset, per_class: int | None):
     """A shallow copy of an :class:`pfl.data.dataset.AnomalyDataset` keeping the first ``per_class``
-    normal and ``per_class`` anomalous samples of each category (its cache key changes too)."""
+    normal and ``per_class`` anomalous samples of each category (its cache key changes too);
+    None keeps all.
+
+    The synthetic benchmark assigns defect kinds in turn, so the first anomalous samples
+    cover the kinds evenly.
+    """
     import copy
 
+    if per_class is None:
+        return dataset
+    if per_class < 1:
+        raise ValueError(f"per_class must be >= 1 or None, got {per_class}")
     rows = select_rows([s["cls_name"] for s in dataset.samples],
                        [int(s["anomaly"]) for s in dataset.samples], per_class=per_class)
     out = copy.copy(dataset)
@@ -478,15 +494,19 @@ def subsample_dataset(dataset, per_class: int):
 
 
 def profile_store(profile, backbone: Backbone, name: str, split: str = "test", *,
-                  classes=None, per_class: int | None = None, progress: bool | None = None
-                  ) -> FeatureStore | StreamingStore:
-    """Features of one split of dataset ``name`` under the profile's data root, cached per
-    ``profile.data.feature_cache`` (``"none"``: a :class:`StreamingStore`); ``per_class``: only
-    the first that many normal and anomalous images of each category."""
-    ds = profile_dataset(profile, name, split, classes)
-    if per_class is not None:
-        ds = subsample_dataset(ds, per_class)
-    cache = resolve_cache(profile.data.feature_cache, backbone, len(ds))
+                  classes=None, per_class: int | None = None, cache: str | None = None,
+                  progress: bool | None = None) -> FeatureStore | StreamingStore:
+    """Features of one split of dataset ``name`` under the profile's data root.
+
+    The images are read at the backbone's input size, which may differ from the profile's
+    (e.g. 112 px sweeps on 224 px data). ``per_class``: only the first that many normal and
+    anomalous images of each category (:func:`subsample_dataset`). ``cache``: as
+    ``DataConfig.feature_cache`` (default: the profile's; "auto" | "disk" | "memory" |
+    "none", which serves a :class:`StreamingStore`).
+    """
+    ds = subsample_dataset(profile_dataset(profile, name, split, classes,
+                                           image_size=backbone.image_size), per_class)
+    cache = resolve_cache(cache or profile.data.feature_cache, backbone, len(ds))
     if cache == "none":
         return StreamingStore(backbone, ds)
     return extract(backbone, ds, cache=cache, progress=progress, desc=f"{name}/{split}")
@@ -511,12 +531,13 @@ def pattern_store(backbone: Backbone, pairs: int = 160, seed: int = 999, batch: 
         for step in range(math.ceil(pairs / batch)):
             b = make_batch(cfg, step, patch=backbone.image_size // backbone.grid[0])
             f = backbone.encode_image(b.images)
-            feats.append(ImageFeatures(f.global_, f.patches.half()))
+            feats.append(ImageFeatures(f.global_, f.patches.half(), f.image_keys))
             masks.append(b.masks.to(torch.uint8))
             labels += [int(k != "") for k in b.kinds]
     n = 2 * pairs
     return FeatureStore(
         ImageFeatures(torch.cat([f.global_ for f in feats])[:n],
-                      torch.cat([f.patches for f in feats])[:n]),
+                      torch.cat([f.patches for f in feats])[:n],
+                      torch.cat([f.image_keys for f in feats])[:n]),
         masks=torch.cat(masks)[:n], labels=torch.tensor(labels[:n]),
         cls_names=["patterns"] * n, paths=[f"patterns/{seed}/{i:04d}" for i in range(n)])

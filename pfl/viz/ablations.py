@@ -40,17 +40,12 @@ import torch
 
 from pfl.clip.backbone import Backbone, resolve_weights
 from pfl.config import BackboneConfig, EvalConfig, ModelConfig, TrainConfig
-from pfl.data.dataset import AnomalyDataset
 from pfl.method.contract import Batch
 from pfl.method.model import BayesPFL
 from pfl.run.evaluate import evaluate
 from pfl.run.features import (
     FeatureStore,
-    StreamingStore,
     _stack_samples,
-    extract,
-    profile_dataset,
-    resolve_cache,
 )
 from pfl.run.metrics import METRICS
 from pfl.run.train import fit
@@ -76,56 +71,6 @@ def one_at_a_time(base: ModelConfig, grid: Mapping[str, Sequence]
                          f"use some of {sorted(names)}")
     return [(p, v, dataclasses.replace(base, **{p: v})) for p, values in grid.items()
             for v in values]
-
-
-def first_per_class(dataset, per_class: int | None):
-    """Keep the first ``per_class`` normal and ``per_class`` anomalous samples of every
-    category of a :class:`pfl.data.dataset.AnomalyDataset` (in place; None keeps all); returns it.
-
-    The synthetic benchmark assigns defect kinds in turn, so the first anomalous samples
-    cover the kinds evenly.
-    """
-    if per_class is None:
-        return dataset
-    if per_class < 1:
-        raise ValueError(f"per_class must be >= 1 or None, got {per_class}")
-    counts: dict[tuple[str, int], int] = {}
-    keep = []
-    for s in dataset.samples:
-        key = (s["cls_name"], int(s["anomaly"]))
-        if counts.get(key, 0) < per_class:
-            keep.append(s)
-            counts[key] = counts.get(key, 0) + 1
-    dataset.samples = keep
-    return dataset
-
-
-def profile_stores(profile, backbone: Backbone, *, train_per_class: int | None = None,
-                   target_per_class: int | None = None, targets: Sequence[str] | None = None,
-                   cache: str = "memory", progress: bool | None = False
-                   ) -> tuple[FeatureStore, dict[str, FeatureStore]]:
-    """Features of the profile's auxiliary split and target test splits at the backbone's
-    input size, which may differ from the profile's (e.g. 112 px sweeps on 224 px data).
-
-    The data are located (and the synthetic benchmark built, as the profile says) at the
-    profile's own size by :func:`pfl.run.features.profile_dataset`, then read at the backbone's
-    size; ``*_per_class`` keep the first images per category and label
-    (:func:`first_per_class`). ``cache``: as ``DataConfig.feature_cache`` ("auto" | "disk" |
-    "memory" | "none"; "none" serves a :class:`pfl.run.features.StreamingStore`).
-    """
-
-    def at_size(name: str, split: str, n: int | None) -> FeatureStore:
-        located = profile_dataset(profile, name, split)
-        ds = first_per_class(AnomalyDataset(located.root, split,
-                                            image_size=backbone.image_size), n)
-        mode = resolve_cache(cache, backbone, len(ds))
-        if mode == "none":  # e.g. ViT-L at 518 px: features are read as they are served
-            return StreamingStore(backbone, ds)
-        return extract(backbone, ds, cache=mode, progress=progress, desc=f"{name}/{split}")
-
-    train = at_size(profile.data.aux, profile.data.aux_split, train_per_class)
-    names = list(targets) if targets is not None else list(profile.data.targets)
-    return train, {t: at_size(t, "test", target_per_class) for t in names}
 
 
 def train_bayes_pfl(backbone: Backbone, model_cfg: ModelConfig, train: FeatureStore,
@@ -305,18 +250,17 @@ def abnormal_text_embeddings(model, store: FeatureStore, draw_seed: int, *, bank
     """The abnormal text embedding ``Z^t_{b,r}`` of every image of ``store`` under one Monte
     Carlo draw (R = 1, bank prompt ``bank``): ``(N, E)``, unit norm, before RCA.
 
-    The draw's per-image noise comes from one generator seeded with ``draw_seed``, taken in
-    store order, so the result does not depend on ``batch_size``.
+    Each image's noise comes from ``draw_seed`` and the image (:mod:`pfl.method.sampling`),
+    so the result does not depend on ``batch_size`` or the order of the store.
     """
     if not 0 <= bank < model.cfg.n_prompts:
         raise ValueError(f"bank {bank} outside 0..{model.cfg.n_prompts - 1}")
     was_training = model.training
     model.eval()
-    gen = torch.Generator().manual_seed(draw_seed)
     out = []
     with torch.no_grad():
         for batch in store.batches(batch_size):
-            o = model.forward_features(batch.feats, batch.cls_names, generator=gen,
+            o = model.forward_features(batch.feats, batch.cls_names, seed=draw_seed,
                                        bank_index=bank, n_samples=1)
             out.append(o.text_features[:, bank, 0, 1].float().cpu().numpy())
     model.train(was_training)

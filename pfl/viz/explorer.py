@@ -202,9 +202,9 @@ class Explorer:
             if hasattr(method, "train"):
                 method.train(False)
             with torch.no_grad():
-                if _samples_r(method):
-                    out = method.forward_features(batch.feats, batch.cls_names, seeds=[seed],
-                                                  n_samples=r)
+                if _samples_r(method):  # the evaluation's draws: seed and the image's content
+                    out = method.forward_features(batch.feats, batch.cls_names,
+                                                  seed=self.eval_cfg.seed, n_samples=r)
                     amap, score = out.anomaly_map[0], out.score[0]
                 else:
                     pred = method.predict(batch, torch.Generator().manual_seed(seed))
