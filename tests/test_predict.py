@@ -73,3 +73,34 @@ def test_bad_inputs_name_the_file(tiny_backbone, tmp_path):
         collect_images([tmp_path / "empty"])
     with pytest.raises(FileNotFoundError, match="neither an image file nor a folder"):
         collect_images([tmp_path / "missing.png"])
+
+
+def test_a_score_does_not_depend_on_the_image_position(tiny_backbone, tmp_path):
+    # Issue #19: the same photo alone, second or fourth in the list (and in batches of
+    # another size) gets the same score: its noise comes from the seed and its pixels.
+    from pfl.config import EvalConfig, ModelConfig
+    from pfl.method.model import BayesPFL
+
+    rng = np.random.default_rng(0)
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for name in ("a", "b", "c", "coffee"):
+        Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(d / f"{name}.png")
+    model = BayesPFL(tiny_backbone, ModelConfig(flow_length=2, mc_test=2), seed=0).eval()
+    coffee = d / "coffee.png"
+    runs = {
+        "alone": ([coffee], 4),
+        "second": ([d / "a.png", coffee, d / "b.png"], 4),
+        "fourth": ([d / "a.png", d / "b.png", d / "c.png", coffee], 4),
+        "fourth, batches of 2": ([d / "a.png", d / "b.png", d / "c.png", coffee], 2),
+    }
+    scores = {}
+    for k, (files, batch) in runs.items():
+        table = predict_images(model, files, tmp_path / k.replace(" ", "_"), threshold=None,
+                               cfg=EvalConfig(batch_size=batch), write_overlays=False)
+        scores[k] = float(table.set_index("path").loc[str(coffee), "score"])
+    assert max(scores.values()) - min(scores.values()) < 1e-5, scores
+    # the other images score differently (the test could fail if every score were equal)
+    other = predict_images(model, [d / "a.png"], tmp_path / "other", threshold=None,
+                           cfg=EvalConfig(batch_size=4), write_overlays=False)
+    assert abs(float(other["score"][0]) - scores["alone"]) > 1e-6

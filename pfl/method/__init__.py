@@ -1,2 +1,3 @@
-"""Bayes-PFL itself: planar prompt flows, prompt banks, RCA, losses and the model, plus the
-:mod:`~pfl.method.contract` that every method (Bayes-PFL and the peers) meets."""
+"""Bayes-PFL itself: planar prompt flows, prompt banks, RCA, the noise policy (sampling), losses
+and the model, plus the :mod:`~pfl.method.contract` that every method (Bayes-PFL and the peers)
+meets."""
