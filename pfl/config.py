@@ -50,7 +50,7 @@ class ModelConfig:
     mc_train: int = 1  # R during training
     mc_test: int = 10  # R at inference
     rca_heads: int = 4  # heads of the RCA attention
-    share_iad_samples: bool = False  # authors' inference: draw IAD samples once for all images
+    share_iad_samples: bool = False  # authors' inference: one IAD draw for all images of a run
     class_aware: bool = True  # put the class words in the template
 
 
