@@ -57,8 +57,9 @@ def content_keys(images: torch.Tensor) -> torch.Tensor:
     cast to float32 first, so a float64 copy of a float32 image has the same key.
     """
     flat = images.detach().to(device="cpu", dtype=torch.float32).reshape(images.shape[0], -1)
-    keys = [int.from_bytes(hashlib.sha256(row.contiguous().numpy().tobytes()).digest()[:8],
-                           "little") % SEED_HIGH for row in flat]
+    rows = flat.contiguous().numpy()  # hashed through the buffer protocol: no copy per row
+    keys = [int.from_bytes(hashlib.sha256(row).digest()[:8], "little") % SEED_HIGH
+            for row in rows]
     return torch.tensor(keys, dtype=torch.int64)
 
 
