@@ -62,7 +62,12 @@ class StepLoss:
 
 @runtime_checkable
 class Method(Protocol):
-    """What :func:`pfl.run.train.fit` and :mod:`pfl.run.evaluate` need from a method."""
+    """What :func:`pfl.run.train.fit` and :mod:`pfl.run.evaluate` need from a method.
+
+    A method that draws Monte Carlo samples (Bayes-PFL) sets ``takes_n_samples = True`` and
+    accepts ``predict(batch, generator, n_samples=R)``; the evaluation then passes
+    ``EvalConfig.mc_samples`` to it.
+    """
 
     name: str
     backbone: Backbone
