@@ -242,10 +242,11 @@ def draw_noise(
     n_samples: int,
     dim: int,
     generator: torch.Generator | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """Standard-normal noise ``(R, N, D)``, image by image (Box-Muller on uniforms).
+    """Standard-normal noise ``(R, N, D)``, image by image (Box-Muller on uniforms), in
+    ``dtype`` (None: torch's default dtype).
 
     Note:
         Image ``n``'s ``2 R D`` uniforms are the ``n``-th contiguous block of the generator's

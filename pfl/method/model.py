@@ -383,7 +383,8 @@ class BayesPFL(nn.Module):
                 ``generator``); inference: None uses all B, an int restricts to that one.
             n_samples: R (default ``mc_train`` in training, ``mc_test`` at inference).
         """
-        g, patches = feats.global_.float(), feats.patches.float()
+        dtype = self.rca.query.weight.dtype  # the model's compute dtype (float64 in smoke)
+        g, patches = feats.global_.to(dtype), feats.patches.to(dtype)
         n = g.shape[0]
         if len(class_names) != n:
             raise ValueError(f"got {len(class_names)} class names for {n} images")
