@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pfl.runtime import setup
+
 
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the main job on the active profile (README's first command)")
@@ -302,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup()  # the profile's numerics ($PFL_PROFILE): the notebooks' numbers, from the shell
     return args.func(args)
 
 

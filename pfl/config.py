@@ -32,7 +32,7 @@ class BackboneConfig:
     layers: tuple[int, ...] | None = None  # 1-based blocks to tap; None: 4 evenly spaced
     weights: str | None = None  # local weights file; None: shipped tiny weights or random init
     init_seed: int = 0  # seed of the random init when no weights are used
-    precision: str = "fp32"  # dtype of the frozen towers
+    precision: str = "fp32"  # towers' dtype: "fp64", "fp32", open_clip's "fp16"/"bf16"
 
 
 @dataclass
@@ -100,6 +100,22 @@ class DataConfig:
 
 
 @dataclass
+class NumericsConfig:
+    """Process-wide numerical settings that stored results depend on (applied by
+    :func:`pfl.runtime.setup`).
+
+    Note: float32 results differ in their last bits between CPUs (AVX-512, AVX2 and plain
+    kernels sum in different orders), and training amplifies those bits into different
+    numbers. In float64 the same differences start 1e9 times smaller, so what a notebook prints
+    at 3-4 digits comes out the same on any x86-64 CPU. The smoke profile's models are small
+    enough to afford it; the paper profile stays in float32 (GPU).
+    """
+
+    dtype: str = "float32"  # torch default dtype for every tensor and module pfl creates
+    threads: int | None = None  # intra-op CPU threads (torch and BLAS); None: leave as is
+
+
+@dataclass
 class Profile:
     """Everything one run needs; ``smoke()`` and ``paper()`` fill it."""
 
@@ -109,6 +125,7 @@ class Profile:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    numerics: NumericsConfig = field(default_factory=NumericsConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -130,6 +147,7 @@ class Profile:
             train=build(TrainConfig, d.get("train", {})),
             eval=build(EvalConfig, d.get("eval", {})),
             data=build(DataConfig, d.get("data", {})),
+            numerics=build(NumericsConfig, d.get("numerics", {})),
         )
 
     def replace(self, **sections) -> Profile:
@@ -144,11 +162,12 @@ def smoke() -> Profile:
     """The CPU profile: the tiny tower, the synthetic benchmark, small training."""
     return Profile(
         name="smoke",
-        backbone=BackboneConfig(model_name="pfl-tiny", image_size=224),
+        backbone=BackboneConfig(model_name="pfl-tiny", image_size=224, precision="fp64"),
         model=ModelConfig(),
         train=TrainConfig(epochs=3, batch_size=16, lr=1e-3, max_steps_per_epoch=None),
         eval=EvalConfig(batch_size=16),
         data=DataConfig(root="data/synthetic", aux="aux", targets=("target", "medical")),
+        numerics=NumericsConfig(dtype="float64", threads=1),
     )
 
 
@@ -185,3 +204,16 @@ def active(name: str | None = None) -> Profile:
 def repo_root() -> Path:
     """The checkout's top folder (figures/, data/ and runs/ live there)."""
     return Path(__file__).resolve().parent.parent
+
+
+def figures_dir() -> Path:
+    """Where notebooks write their figures: ``$PFL_FIGURES_DIR`` if set, else ``figures/``.
+
+    The tests set ``PFL_FIGURES_DIR`` to a temporary folder, so re-executing the notebooks
+    under ``pytest --nbval`` never rewrites tracked files; only ``make figures`` (which leaves
+    it unset) writes ``figures/``.
+    """
+    env = os.environ.get("PFL_FIGURES_DIR")
+    out = Path(env) if env else repo_root() / "figures"
+    out.mkdir(parents=True, exist_ok=True)
+    return out

@@ -7,6 +7,14 @@ from pfl.clip.backbone import Backbone
 from pfl.config import BackboneConfig
 
 
+@pytest.fixture(autouse=True)
+def _float32_default():
+    """Tests run in torch's float32 default; a test that calls ``pfl.setup("smoke")`` (float64)
+    must not leak it into the next test."""
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
 @pytest.fixture(scope="session")
 def tiny_backbone() -> Backbone:
     """The shipped ``pfl-tiny`` CLIP at 112 px (8 x 8 patches, 4 tapped layers), frozen."""

@@ -16,7 +16,7 @@ import pfl
 ROOT = Path(pfl.__file__).parent
 # Layers, lowest first; a module may import its own layer or lower ones only.
 LAYERS = {
-    "pfl.utils": 0, "pfl.config": 0,
+    "pfl.utils": 0, "pfl.config": 0, "pfl.runtime": 0,
     "pfl.data": 1,
     "pfl.clip": 2,
     "pfl.method": 3,

@@ -137,13 +137,20 @@ def create_clip(cfg: BackboneConfig) -> nn.Module:
     """An open_clip model for ``cfg``: random init with ``cfg.init_seed``, then local weights."""
     register_configs()
     weights = resolve_weights(cfg)
-    # Seed the init without disturbing the caller's global RNG stream.
+    # Seed the init without disturbing the caller's global RNG stream, and build in the
+    # tower's own dtype (not the process default), so a random init is the same in any process.
+    build_dtype = torch.float64 if cfg.precision == "fp64" else torch.float32
+    default = torch.get_default_dtype()
     with torch.random.fork_rng(devices=[]), _quiet_open_clip():
         torch.manual_seed(cfg.init_seed)
-        model = open_clip.create_model(
-            cfg.model_name, pretrained=None, force_image_size=cfg.image_size,
-            precision=cfg.precision,
-        )
+        torch.set_default_dtype(build_dtype)
+        try:
+            model = open_clip.create_model(
+                cfg.model_name, pretrained=None, force_image_size=cfg.image_size,
+                precision="fp32" if cfg.precision == "fp64" else cfg.precision,
+            )
+        finally:
+            torch.set_default_dtype(default)
     if weights is not None:
         load_weights(model, weights)
     return model

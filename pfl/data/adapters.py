@@ -3,7 +3,7 @@
 One registry, :data:`ADAPTERS`; each adapter is a scan function that walks a layout and
 returns meta.json entries (REFERENCE.md, "Data layout"; appendix Section C). ``convert(name,
 root)`` writes ``root/meta.json`` (or one in ``out``, with paths relative to it), which
-:class:`pfl.data.dataset.AnomalyDataset` then reads. Datasets without pixel labels (HeadCT, BrainMRI,
+``AnomalyDataset`` then reads. Datasets without pixel labels (HeadCT, BrainMRI,
 Br35H) get ``"pixel_labels": false`` and empty mask paths, so pixel metrics skip them.
 
 Where the paper's authors used a curated copy (AdaCLIP's or AnomalyCLIP's, often in the MVTec

@@ -334,7 +334,7 @@ class BayesPFL(nn.Module):
             n_samples: R (default ``mc_train`` in training, ``mc_test`` at inference).
             share_iad: one IAD draw for all images (default ``cfg.share_iad_samples``).
         """
-        dtype = self.tau_pix.dtype
+        dtype = self.tau_pix.dtype  # the model's compute dtype (float64 in smoke)
         g, patches = feats.global_.to(dtype), feats.patches.to(dtype)
         n = g.shape[0]
         if len(class_names) != n:

@@ -116,9 +116,9 @@ def linear_probe_auroc(train: FeatureStore, test: FeatureStore, feature: str = "
 
     def features(store: FeatureStore) -> np.ndarray:
         if feature == "global":
-            x = store.feats.global_.float()
+            x = store.feats.global_.double()
         elif feature == "patch_mean":
-            x = store.feats.patches[:, -1].float().mean(1)
+            x = store.feats.patches[:, -1].double().mean(1)
         else:
             raise ValueError(f"linear_probe_auroc: feature must be 'global' or 'patch_mean', "
                              f"got {feature!r}")
@@ -135,7 +135,7 @@ def linear_probe_auroc(train: FeatureStore, test: FeatureStore, feature: str = "
 
 @dataclass
 class PredictionSet:
-    """A method's outputs on a store: smoothed maps ``(N, S, S)`` float32, the method's own
+    """A method's outputs on a store: smoothed maps ``(N, S, S)`` (float64 in smoke), its own
     scores ``(N,)``, and the ground truth (masks uint8, labels, class names, paths)."""
 
     maps: np.ndarray
@@ -171,7 +171,7 @@ def predict_store(method: Method, store: FeatureStore, cfg: EvalConfig | None = 
                                  f"masks {tuple(batch.masks.shape)}: maps must be (N, S, S) at "
                                  "the input size")
             maps.append(smooth_maps(pred.maps, sigma))
-            scores.append(pred.scores.detach().float().cpu().numpy())
+            scores.append(pred.scores.detach().cpu().numpy())
             masks.append(batch.masks.to(torch.uint8).numpy())
             labels.append(batch.labels.numpy())
             names += batch.cls_names
@@ -221,7 +221,7 @@ def evaluate(method: Method, store: FeatureStore, cfg: EvalConfig | None = None,
     Args:
         cfg: blur sigma, image score recipe, AUPRO variant, batch size, seed.
         name: dataset name (tables, figure names).
-        keep_predictions: keep the smoothed maps in the result (memory: N x S x S float32).
+        keep_predictions: keep the smoothed maps in the result (memory: N x S x S floats).
         figures_dir: if given, one qualitative figure per category is written there
             (``<prefix><name>_<category>.png`` and the CSV beside it).
     """

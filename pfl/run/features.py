@@ -215,15 +215,16 @@ class FeatureStore:
 
     def batches(self, batch_size: int, *, shuffle: bool = False,
                 generator: torch.Generator | None = None, with_images: bool = False,
-                dtype: torch.dtype = torch.float32) -> Iterator[Batch]:
+                dtype: torch.dtype | None = None) -> Iterator[Batch]:
         """:class:`pfl.method.contract.Batch` es of ``batch_size`` (the last may be smaller).
 
         Args:
             shuffle: a random order from ``generator`` (``torch.randperm``), else store order.
             with_images: also read the CLIP-normalised images back from the dataset (for
                 methods that look at pixels).
-            dtype: features and masks are served in this dtype.
+            dtype: features and masks are served in this dtype (None: torch's default dtype).
         """
+        dtype = dtype or torch.get_default_dtype()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         n = len(self)
@@ -416,7 +417,8 @@ class StreamingStore:
 
     def batches(self, batch_size: int, *, shuffle: bool = False,
                 generator: torch.Generator | None = None, with_images: bool = False,
-                dtype: torch.dtype = torch.float32) -> Iterator[Batch]:
+                dtype: torch.dtype | None = None) -> Iterator[Batch]:
+        dtype = dtype or torch.get_default_dtype()
         n = len(self)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         for start in range(0, n, batch_size):

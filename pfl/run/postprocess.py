@@ -36,10 +36,12 @@ def safe_name(text: str) -> str:
 
 def smooth_maps(maps: np.ndarray | torch.Tensor, sigma: float) -> np.ndarray:
     """Gaussian blur of each map ``(N, H, W)`` with ``sigma`` pixels (scipy, 'reflect' edges,
-    truncated at 4 sigma), as float32; ``sigma <= 0`` returns the maps unchanged."""
+    truncated at 4 sigma), in float64 for float64 maps (the smoke profile) and float32
+    otherwise; ``sigma <= 0`` returns the maps unchanged."""
     if isinstance(maps, torch.Tensor):
-        maps = maps.detach().float().cpu().numpy()
-    maps = np.asarray(maps, dtype=np.float32)
+        maps = maps.detach().cpu().numpy()
+    dtype = np.float64 if np.asarray(maps).dtype == np.float64 else np.float32
+    maps = np.asarray(maps, dtype=dtype)
     if maps.ndim != 3:
         raise ValueError(f"maps must be (N, H, W), got {maps.shape}")
     if sigma <= 0:
