@@ -177,10 +177,11 @@ def write_point(root: str | os.PathLike, files: Mapping[str, Callable[[str], Non
     return final
 
 
-def remove_stale(folder: str | os.PathLike) -> list[str]:
+def remove_stale(folder: str | os.PathLike, points: bool = False) -> list[str]:
     """Delete what killed writes left in ``folder`` (not below it): ``.tmp-*`` folders of
     :func:`write_point` and :func:`discard`, temporary files of :func:`atomic_write`, and
-    every point older than the newest. Returns the names removed.
+    with ``points`` (``folder`` is a root of :func:`write_point`) every point older than the
+    newest. Returns the names removed.
 
     Only one process may write a folder: a temporary file of a write in progress elsewhere
     would be removed too.
@@ -191,7 +192,7 @@ def remove_stale(folder: str | os.PathLike) -> list[str]:
     newest = latest_point(folder)
     removed = []
     for p in sorted(folder.iterdir()):
-        stale_point = _GENERATION.fullmatch(p.name) and p.is_dir() and p != newest
+        stale_point = points and _GENERATION.fullmatch(p.name) and p.is_dir() and p != newest
         if p.name.startswith(POINT_TEMP) or _WRITE_TEMP.fullmatch(p.name) or stale_point:
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p)

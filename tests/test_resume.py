@@ -128,7 +128,8 @@ def test_remove_stale_takes_leftovers_only(tmp_path):
     stale = [p.name for p in root.iterdir() if p.name.startswith(".")]
     assert len(stale) == 2  # one point folder, one atomic_write file
     assert latest_point(root) == new  # a folder being written is never taken for a point
-    assert sorted(remove_stale(root)) == sorted([old.name, *stale])
+    assert sorted(remove_stale(tmp_path)) == []  # not a root of points: "resume" is no leftover
+    assert sorted(remove_stale(root, points=True)) == sorted([old.name, *stale])
     assert sorted(p.name for p in root.iterdir()) == ["000002", "999", "notes.txt"]
     assert remove_stale(tmp_path / "missing") == []
 

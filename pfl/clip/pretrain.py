@@ -522,7 +522,7 @@ def resume_point(out: str | Path) -> Path | None:
     """
     out = Path(out)
     remove_stale(out)
-    remove_stale(out / RESUME)
+    remove_stale(out / RESUME, points=True)
     point = latest_point(out / RESUME)
     old = out / CHECKPOINT
     if point is None and old.is_file():

@@ -336,7 +336,7 @@ def prepare_run(out_dir: str | Path, run_cfg: dict, resume: bool = True) -> Path
     out_dir = Path(out_dir)
     root = out_dir / RESUME
     remove_stale(out_dir)
-    remove_stale(root)
+    remove_stale(root, points=True)
     point = latest_point(root)
     if resume and (point is not None or (root / STATE).is_file()):
         _check_resume_config(read_run_config(out_dir), run_cfg, out_dir)
