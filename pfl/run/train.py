@@ -445,7 +445,8 @@ def fit(
             They never influence training or selection.
         monitor_initial: also score ``monitor`` before the first step (an epoch-0 row).
         target: the target dataset, read only by ``selection="official_target"``.
-        resume: continue from ``out_dir/resume`` when it holds an unfinished run.
+        resume: continue from the newest point in ``out_dir/resume`` (of a finished run,
+            only the final outputs are rewritten); False: start over.
         callbacks: ``f(history, epoch_row)`` after each epoch's checkpoint is written.
         progress: tqdm bars (None: only when stderr is a terminal).
     Returns:
