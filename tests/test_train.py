@@ -1,7 +1,6 @@
 """pfl.run.train: determinism, exact resume, NaN stop, optimiser groups and schedule, model
 selection without target categories, several seeds. All on a toy method (tests/_toy.py)."""
 
-import json
 import math
 
 import numpy as np
@@ -15,12 +14,14 @@ from pfl.config import EvalConfig, TrainConfig
 from pfl.run.checkpoints import build_method, load_checkpoint
 from pfl.run.train import (
     OFFICIAL_LRS,
+    History,
     NonFiniteLossError,
     build_optimizer,
     fit,
     fit_seeds,
     holdout_split,
 )
+from pfl.utils import latest_point
 
 AUX = ["a", "b", "c", "d"]
 TARGET = ["v", "w", "x", "y", "z", "zz"]
@@ -69,7 +70,8 @@ def test_resume_after_interruption_equals_uninterrupted(aux, tmp_path):
     run = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
         fit(ToyMethod(), aux, CFG, run, callbacks=[stop_after_first])
-    assert json.loads((run / "history.json").read_text())["epochs"][-1]["epoch"] == 1
+    assert History.load(run).epochs[-1]["epoch"] == 1  # the progress, from the resume point
+    assert not (run / "history.json").exists()  # final outputs only once the run is done
     resumed = ToyMethod(seed=99)  # a fresh object with other init: all state comes from disk
     h_res = fit(resumed, aux, CFG, run)
     assert_same(params(full), params(resumed))
@@ -102,7 +104,7 @@ def test_nan_loss_stops_naming_step_and_term_and_keeps_last_good(aux, tmp_path):
         fit(ToyMethod(nan_at_call=9), aux, CFG, tmp_path / "nan")
     one = ToyMethod()
     fit(one, aux, TrainConfig(**{**CFG.__dict__, "epochs": 1}), tmp_path / "one")
-    kept = load_file(str(tmp_path / "nan" / "resume" / "trainable.safetensors"))
+    kept = load_file(str(latest_point(tmp_path / "nan" / "resume") / "trainable.safetensors"))
     assert_same(kept, params(one))  # the paper optimiser has no schedule: epoch 1 is equal
 
 
@@ -155,7 +157,8 @@ def test_holdout_selects_best_epoch_and_loads_it(aux, tmp_path):
     values = [r["select/pixel_ap"] for r in h.epochs]
     assert h.best_epoch == int(np.argmax(values)) + 1
     assert h.holdout == holdout_split(AUX, 1, cfg.seed)
-    assert_same(params(m), load_file(str(tmp_path / "run" / "best.safetensors")))
+    best = load_file(str(latest_point(tmp_path / "run" / "resume") / "best.safetensors"))
+    assert_same(params(m), best)
     assert_same(params(m), load_file(str(tmp_path / "run" / "checkpoint.safetensors")))
 
 

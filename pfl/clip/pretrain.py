@@ -27,8 +27,11 @@ Three choices differ from CLIP, each for a measured reason:
 
 Training is deterministic for a seed on CPU with a fixed thread count: the batch of step t is
 drawn from ``np.random.default_rng([seed, t])``, so a run resumed from a checkpoint repeats the
-uninterrupted run exactly. Checkpoints are single safetensors files (weights, optimizer moments,
-torch RNG state) whose header holds the JSON state, written atomically.
+uninterrupted run exactly. A checkpoint is one safetensors file (weights, optimizer moments,
+torch RNG state; its header holds the JSON state) with ``history.csv`` beside it, written as
+one resume point: a hidden folder published by one atomic rename (:func:`pfl.utils.write_point`,
+the mechanism of :func:`pfl.run.train.fit`). Leftovers of killed writes are removed when a run
+starts; tests/test_resume.py kills a run between every two disk writes and resumes it.
 
     >>> cfg = PretrainConfig(batch=2, image_size=56, final_size=None)
     >>> b = make_batch(cfg, step=0)
@@ -48,6 +51,7 @@ import json
 import logging
 import math
 import shlex
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +67,14 @@ from pfl.clip.backbone import _quiet_open_clip, register_configs
 from pfl.data.defects import DEFECT_KINDS, paint_defect
 from pfl.data.patterns import PATTERNS, pattern_image
 from pfl.data.preprocess import CLIP_MEAN, CLIP_STD
-from pfl.utils import atomic_write, atomic_write_json, atomic_write_text
+from pfl.utils import (
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    latest_point,
+    remove_stale,
+    write_point,
+)
 
 log = logging.getLogger(__name__)
 
@@ -471,12 +482,15 @@ def set_image_size(model: Pretrainer, optimizer: torch.optim.Optimizer, size: in
 
 # --- checkpoints --------------------------------------------------------------------------------
 CHECKPOINT = "checkpoint.safetensors"
+HISTORY_CSV = "history.csv"
+RESUME = "resume"  # out/resume/<generation>/ holds the newest checkpoint and its history.csv
 HISTORY_FIELDS = ("step", "loss", "global", "dense", "lr", "logit_scale", "dense_scale", "size")
 
 
-def save_checkpoint(path: Path, model: Pretrainer, optimizer: torch.optim.Optimizer,
-                    step: int, history: list[dict]) -> None:
-    """One atomic safetensors file: weights, Adam moments, torch RNG; JSON state in its header."""
+def save_point(out: Path, model: Pretrainer, optimizer: torch.optim.Optimizer,
+               step: int, history: list[dict]) -> Path:
+    """Publish ``out/resume/<generation>/``: ``checkpoint.safetensors`` (weights, Adam moments,
+    torch RNG; JSON state in its header) and ``history.csv``, as one atomic unit."""
     from safetensors.torch import save_file
 
     tensors = {f"model.{k}": v.detach().cpu().clone().contiguous()
@@ -492,7 +506,37 @@ def save_checkpoint(path: Path, model: Pretrainer, optimizer: torch.optim.Optimi
     tensors["rng.torch"] = torch.get_rng_state()
     meta = {"step": step, "config": model.cfg.to_dict(), "optim_steps": steps,
             "history": history, "image_size": model.clip.visual.image_size[0]}
-    atomic_write(path, lambda p: save_file(tensors, p, metadata={"state": json.dumps(meta)}))
+    text = _history_text(history)
+    return write_point(Path(out) / RESUME, {
+        CHECKPOINT: lambda p: save_file(tensors, p, metadata={"state": json.dumps(meta)}),
+        HISTORY_CSV: lambda p: Path(p).write_text(text),
+    })
+
+
+def resume_point(out: str | Path) -> Path | None:
+    """The newest resume point of the run in ``out``, or None (a fresh run).
+
+    Removes leftovers of killed writes first. A run of an older pfl version, which kept one
+    ``out/checkpoint.safetensors`` (always whole: it was written atomically), is converted
+    into a point; its ``history.csv`` goes with it unless the run was finished.
+    """
+    out = Path(out)
+    remove_stale(out)
+    remove_stale(out / RESUME, points=True)
+    point = latest_point(out / RESUME)
+    old = out / CHECKPOINT
+    if point is None and old.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(old), framework="pt") as f:
+            text = _history_text(json.loads(f.metadata()["state"])["history"])
+        point = write_point(out / RESUME, {CHECKPOINT: lambda p: shutil.copyfile(old, p),
+                                           HISTORY_CSV: lambda p: Path(p).write_text(text)})
+    if point is not None and old.is_file():
+        old.unlink()
+        if not (out / "tiny_clip.json").is_file():
+            (out / HISTORY_CSV).unlink(missing_ok=True)  # the old layout's progress file
+    return point
 
 
 def load_checkpoint(path: Path, model: Pretrainer,
@@ -509,7 +553,7 @@ def load_checkpoint(path: Path, model: Pretrainer,
                 if v != model.cfg.to_dict()[k]}
         raise ValueError(
             f"checkpoint {str(path)!r} was written by another config (saved vs asked: {diff}); "
-            "pass another --out folder, or delete the checkpoint to start over."
+            "pass another --out folder, or delete the run's resume folder to start over."
         )
     set_image_size(model, optimizer, meta["image_size"])
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
@@ -546,10 +590,14 @@ def _cast(name: str, v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (v.float() if "positional_embedding" in name else v.to(dtype)).contiguous()
 
 
-def write_history_csv(path: str | Path, history: list[dict]) -> None:
+def _history_text(history: list[dict]) -> str:
     lines = [",".join(HISTORY_FIELDS)]
     lines += [",".join(repr(h[k]) for k in HISTORY_FIELDS) for h in history]
-    atomic_write_text(path, "\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
+
+
+def write_history_csv(path: str | Path, history: list[dict]) -> None:
+    atomic_write_text(path, _history_text(history))
 
 
 def read_history_csv(path: str | Path) -> list[dict]:
@@ -565,9 +613,10 @@ def pretrain(cfg: PretrainConfig, out: str | Path, stop_after: int | None = None
              workers: int = 0, machine: str | None = None) -> list[dict]:
     """Run (or resume) the pretraining in ``out``; returns the per-step history.
 
-    Writes ``out/checkpoint.safetensors`` every ``cfg.checkpoint_every`` steps and at the end,
-    ``out/history.csv``, and once ``cfg.steps`` are done ``out/tiny_clip.safetensors`` (the
-    open_clip weights) with ``out/tiny_clip.json`` (the record). ``stop_after`` ends the call
+    Writes a resume point (:func:`save_point`, ``out/resume/<generation>/``) every
+    ``cfg.checkpoint_every`` steps and at the end, and once ``cfg.steps`` are done the final
+    outputs: ``out/history.csv``, ``out/tiny_clip.safetensors`` (the open_clip weights) and
+    last ``out/tiny_clip.json`` (the record). ``stop_after`` ends the call
     after that many steps in all (same schedule: a stand-in for an interruption, and how the
     tests replay the first steps of the shipped run). ``progress``: None -> a bar on a tty.
     ``device``/``workers``: where the model runs and how many processes draw batches; neither
@@ -584,10 +633,10 @@ def pretrain(cfg: PretrainConfig, out: str | Path, stop_after: int | None = None
     model = Pretrainer(cfg).to(device)
     optimizer = make_optimizer(model)
     step, history = 0, []
-    ckpt = out / CHECKPOINT
-    if ckpt.is_file():
-        step, history = load_checkpoint(ckpt, model, optimizer)
-        log.info("resumed %s at step %d", ckpt, step)
+    point = resume_point(out)
+    if point is not None:
+        step, history = load_checkpoint(point / CHECKPOINT, model, optimizer)
+        log.info("resumed %s at step %d", point, step)
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(total=end, initial=step, disable=not show, desc="pretrain")
@@ -612,10 +661,10 @@ def pretrain(cfg: PretrainConfig, out: str | Path, stop_after: int | None = None
         bar.update(1)
         bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", refresh=False)
         if step % cfg.checkpoint_every == 0 or step == end:
-            save_checkpoint(ckpt, model, optimizer, step, history)
-            write_history_csv(out / "history.csv", history)
+            save_point(out, model, optimizer, step, history)
     bar.close()
     if step == cfg.steps and not (out / "tiny_clip.json").is_file():
+        write_history_csv(out / HISTORY_CSV, history)
         digest = export_weights(model.clip, out / "tiny_clip.safetensors")
         write_record(out / "tiny_clip.json", cfg, history, digest, command,
                      machine or f"{device}, {cfg.threads} torch threads")

@@ -18,14 +18,26 @@ Named options where the authors' code differs (REFERENCE.md, "Maps, scores, loss
   target leakage: the zero-shot numbers it gives are not zero-shot; it exists only to compare
   with published numbers, and needs ``target=`` passed explicitly.
 
-Checkpoints (``out_dir``): ``checkpoint.safetensors`` (the selected trainable state only; CLIP
-is loaded apart) and ``config.json`` (method name, the configs); ``history.json`` with
-``steps.csv`` / ``epochs.csv`` beside them; ``resume/`` holds the state after the last
-completed epoch (trainable state, optimiser and scheduler state, history, best so far), every
-file written atomically. Every random draw of an epoch comes from generators seeded by
-``(cfg.seed, epoch)``, so there is no RNG stream to carry over: a run interrupted at any point
-and resumed from ``resume/`` ends bit-identical to an uninterrupted one on CPU
-(tests/test_train.py).
+Run folder (``out_dir``): ``config.json`` (method name, the configs) from the start;
+``resume/<generation>/`` after every epoch, the resume point: ``trainable.safetensors``,
+``state.pt`` (optimiser and scheduler state, epochs done, best value so far),
+``history.json`` and, with a selection, ``best.safetensors`` (the best epoch's state). A point
+is written whole into a hidden folder and published with one atomic rename
+(:func:`pfl.utils.write_point`), so the weights and the state beside them always come from the
+same epoch, and the previous point stays until the next one is published. When the last
+epoch is done, the final outputs follow from the last point: ``history.json``, ``steps.csv``,
+``epochs.csv``, and last ``checkpoint.safetensors`` (the selected trainable state only; CLIP is
+loaded apart), so a folder with a checkpoint holds the whole set, all of one epoch; a kill
+while they are written leaves a subset, rewritten by the next call. While a run is
+unfinished, :meth:`History.load` reads its progress from the point.
+
+Every random draw of an epoch comes from generators seeded by ``(cfg.seed, epoch)``, so there
+is no RNG stream to carry over: a run killed at any instant and resumed ends bit-identical to
+an uninterrupted one on CPU (tests/test_resume.py kills it between every two disk writes).
+Leftovers of killed writes are removed when a run starts. Run folders of older pfl versions
+(``resume/state.pt`` and ``resume/trainable.safetensors`` replaced one after the other) are
+converted on resume, unless their weights are newer than their state (a torn write, which
+would train an epoch twice): then fit stops and says how to start over.
 """
 
 from __future__ import annotations
@@ -53,11 +65,20 @@ from pfl.run.checkpoints import (
     HISTORY,
     RESUME,
     build_method,
+    read_run_config,
     set_mode,
 )
 from pfl.run.evaluate import evaluate
 from pfl.run.features import FeatureStore, profile_store, progress_enabled
-from pfl.utils import atomic_write, atomic_write_json, atomic_write_text
+from pfl.utils import (
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    discard,
+    latest_point,
+    remove_stale,
+    write_point,
+)
 
 OPTIMIZERS = ("paper", "official")
 SELECTIONS = ("last", "holdout", "official_target")
@@ -110,7 +131,17 @@ class History:
 
     @classmethod
     def load(cls, out_dir: str | Path) -> History:
-        return cls.from_dict(json.loads((Path(out_dir) / HISTORY).read_text()))
+        """The history of a run folder: the final one, or for an unfinished run the last
+        completed epoch's (from its resume point)."""
+        out_dir = Path(out_dir)
+        path = out_dir / HISTORY
+        if not (out_dir / CHECKPOINT).is_file():
+            point = latest_point(out_dir / RESUME)
+            path = point / HISTORY if point is not None else path
+        if not path.is_file():
+            raise FileNotFoundError(f"{out_dir} holds no history: pass a run folder written by "
+                                    "pfl.run.train.fit")
+        return cls.from_dict(json.loads(path.read_text()))
 
 
 # --------------------------------------------------------------------------- optimiser
@@ -236,6 +267,133 @@ def _selection_value(row: Mapping, prefix: str, metric: str) -> float:
     return value
 
 
+# --------------------------------------------------------------------------- resume point
+
+TRAINABLE, STATE, BEST = "trainable.safetensors", "state.pt", "best.safetensors"
+OUTPUTS = (CHECKPOINT, HISTORY, "steps.csv", "epochs.csv")  # the final outputs, besides config
+
+
+@dataclass
+class ResumeState:
+    """What one epoch hands to the next, besides the trainable, optimiser and schedule state."""
+
+    epoch: int  # epochs completed
+    history: History
+    best_value: float = -math.inf  # best selection metric so far (selection != "last")
+    best_state: dict[str, torch.Tensor] | None = None  # trainable state of that best epoch
+
+
+def save_resume_point(out_dir: str | Path, method: Method, opt: torch.optim.Optimizer,
+                      sched: torch.optim.lr_scheduler.LRScheduler | None,
+                      state: ResumeState) -> Path:
+    """Publish the resume point after ``state.epoch`` epochs as one atomic unit; -> its folder.
+
+    All files (module docstring) go through :func:`pfl.utils.write_point`: written into a
+    hidden folder, then one rename. Only one process may write a run folder (with
+    DistributedDataParallel: rank 0, after the step's gradients are reduced).
+    """
+    meta = {"method": method.name, "epoch": str(state.epoch)}
+    tensors = _state_tensors(method)
+    trainer = {"optimizer": opt.state_dict(), "epoch": state.epoch,
+               "scheduler": sched.state_dict() if sched is not None else {},
+               "best_value": state.best_value}
+    history = json.dumps(state.history.to_dict(), indent=2) + "\n"  # key order: the csv columns
+    files = {TRAINABLE: lambda p: save_file(tensors, p, metadata=meta),
+             STATE: lambda p: torch.save(trainer, p),
+             HISTORY: lambda p: Path(p).write_text(history)}
+    if state.best_state is not None:
+        best, best_meta = state.best_state, {**meta, "epoch": str(state.history.best_epoch)}
+        files[BEST] = lambda p: save_file(best, p, metadata=best_meta)
+    return write_point(Path(out_dir) / RESUME, files)
+
+
+def load_resume_point(point: str | Path, method: Method, opt: torch.optim.Optimizer,
+                      sched: torch.optim.lr_scheduler.LRScheduler | None) -> ResumeState:
+    """Load a point of :func:`save_resume_point` into ``method``, ``opt`` and ``sched``.
+
+    Reads only: every process of a distributed run may call it."""
+    point = Path(point)
+    trainer = torch.load(point / STATE, weights_only=True)
+    method.load_trainable_state_dict(load_file(str(point / TRAINABLE)))
+    opt.load_state_dict(trainer["optimizer"])
+    if sched is not None:
+        sched.load_state_dict(trainer["scheduler"])
+    history = History.from_dict(json.loads((point / HISTORY).read_text()))
+    best = load_file(str(point / BEST)) if (point / BEST).is_file() else None
+    return ResumeState(int(trainer["epoch"]), history, float(trainer["best_value"]), best)
+
+
+def prepare_run(out_dir: str | Path, run_cfg: dict, resume: bool = True) -> Path | None:
+    """Make ``out_dir`` ready for :func:`fit`; -> the resume point to continue from, or None.
+
+    First removes what killed writes left (:func:`pfl.utils.remove_stale`). With ``resume``
+    and a point on disk, checks that ``config.json`` holds the same configs as ``run_cfg``
+    and returns the point (converting the layout of older pfl versions). Otherwise starts
+    over: the old point goes first (so that an interrupted start-over is never resumed into),
+    then the final outputs (the checkpoint first), then ``config.json`` is written. Only one
+    process may call this for a folder (with DistributedDataParallel: rank 0).
+    """
+    out_dir = Path(out_dir)
+    root = out_dir / RESUME
+    remove_stale(out_dir)
+    remove_stale(root, points=True)
+    point = latest_point(root)
+    if resume and (point is not None or (root / STATE).is_file()):
+        _check_resume_config(read_run_config(out_dir), run_cfg, out_dir)
+        if point is None:
+            point = _convert_legacy(out_dir, int(run_cfg["train"]["epochs"]))
+        for name in (root / STATE, root / TRAINABLE, out_dir / BEST):  # the old layout's
+            name.unlink(missing_ok=True)
+        return point
+    discard(root)
+    _remove_outputs(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / CONFIG, run_cfg)
+    return None
+
+
+def publish_outputs(out_dir: str | Path, method: Method, history: History) -> None:
+    """The final outputs of a finished run, from ``method`` (the selected state) and
+    ``history``; ``checkpoint.safetensors`` last, so that its presence means the whole set."""
+    history.save(out_dir)
+    _write_state(Path(out_dir) / CHECKPOINT, method)
+
+
+def _remove_outputs(out_dir: Path) -> None:
+    for name in (*OUTPUTS, BEST):  # the checkpoint first: without it the rest is not a run
+        (out_dir / name).unlink(missing_ok=True)
+
+
+def _convert_legacy(out_dir: Path, epochs: int) -> Path:
+    """Turn the resume files of older pfl versions (``resume/state.pt`` with the history
+    inside, ``resume/trainable.safetensors``, ``best.safetensors``) into a point.
+
+    Those versions replaced the weights, then ``state.pt``: weights newer than the state
+    mean a kill between the two, which would train an epoch twice, so that is refused.
+    (File times can mislead only if the folder was copied without keeping them.)
+    """
+    root = out_dir / RESUME
+    weights, state_path = root / TRAINABLE, root / STATE
+    if not weights.is_file() or weights.stat().st_mtime_ns > state_path.stat().st_mtime_ns:
+        raise ValueError(
+            f"{root} holds a resume point of an older pfl version whose "
+            f"{TRAINABLE} is {'missing' if not weights.is_file() else 'newer than its ' + STATE}"
+            ": a write was interrupted between the two files, and resuming would train an "
+            f"epoch twice. Start the run over: delete {root} (then fit, or python -m pfl "
+            "train, starts afresh), or pass resume=False to fit")
+    trainer = torch.load(state_path, weights_only=True)
+    history = json.dumps(json.loads(trainer.pop("history")), indent=2) + "\n"
+    files = {TRAINABLE: lambda p: shutil.copyfile(weights, p),
+             STATE: lambda p: torch.save(trainer, p),
+             HISTORY: lambda p: Path(p).write_text(history)}
+    if (out_dir / BEST).is_file():
+        files[BEST] = lambda p: shutil.copyfile(out_dir / BEST, p)
+    point = write_point(root, files)
+    if int(trainer["epoch"]) < epochs:  # the old layout's progress files (and any stale checkpoint)
+        _remove_outputs(out_dir)
+    return point
+
+
 # --------------------------------------------------------------------------- fit
 
 
@@ -287,7 +445,8 @@ def fit(
             They never influence training or selection.
         monitor_initial: also score ``monitor`` before the first step (an epoch-0 row).
         target: the target dataset, read only by ``selection="official_target"``.
-        resume: continue from ``out_dir/resume`` when it holds an unfinished run.
+        resume: continue from the newest point in ``out_dir/resume`` (of a finished run,
+            only the final outputs are rewritten); False: start over.
         callbacks: ``f(history, epoch_row)`` after each epoch's checkpoint is written.
         progress: tqdm bars (None: only when stderr is a terminal).
     Returns:
@@ -320,32 +479,20 @@ def fit(
 
     n_steps = steps_per_epoch(len(train), cfg)
     opt, sched = build_optimizer(method, cfg, n_steps * cfg.epochs)
-    run_cfg = _run_config(method, cfg, profile)
-    best_value = -math.inf
-    start_epoch = 0
+    state = ResumeState(0, history)
+    point = prepare_run(out_dir, _run_config(method, cfg, profile), resume)
+    if point is not None:
+        state = load_resume_point(point, method, opt, sched)
+        history = state.history
+        history.out_dir = str(out_dir)
     resume_dir = out_dir / RESUME
-    if resume and (resume_dir / "state.pt").is_file():
-        _check_resume_config(json.loads((out_dir / CONFIG).read_text()), run_cfg, out_dir)
-        state = torch.load(resume_dir / "state.pt", weights_only=True)
-        method.load_trainable_state_dict(load_file(str(resume_dir / "trainable.safetensors")))
-        opt.load_state_dict(state["optimizer"])
-        if sched is not None:
-            sched.load_state_dict(state["scheduler"])
-        history = History.from_dict(json.loads(state["history"]))
-        best_value, start_epoch = float(state["best_value"]), int(state["epoch"])
-    else:
-        # A fresh start: remove what an older run left, so it can never be resumed into this one.
-        shutil.rmtree(resume_dir, ignore_errors=True)
-        (out_dir / "best.safetensors").unlink(missing_ok=True)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out_dir / CONFIG, run_cfg)
 
     show = progress_enabled(progress)
     needs_images = _needs_images(method)
-    if monitor and monitor_initial and start_epoch == 0 and not history.epochs:
+    if monitor and monitor_initial and state.epoch == 0 and not history.epochs:
         history.epochs.append(_monitor_row(method, monitor, cfg, eval_cfg, epoch=0,
                                            row={"epoch": 0, "train_loss": math.nan}))
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in range(state.epoch, cfg.epochs):
         set_mode(method, True)
         order = _generator(cfg.seed, epoch, 0)
         step_gen = _generator(cfg.seed, epoch, 1)
@@ -362,7 +509,7 @@ def fit(
                 raise NonFiniteLossError(
                     f"step {step} (epoch {epoch + 1}, batch {i + 1}): loss term {bad[-1]!r} is "
                     f"{terms[bad[-1]]} (all terms: {terms}). Nothing of this epoch was saved; "
-                    f"the last good checkpoint is {resume_dir} (epoch {epoch}). Lower the "
+                    f"the last good resume point is in {resume_dir} (epoch {epoch}). Lower the "
                     "learning rate or check the inputs of this batch: "
                     f"{batch.paths[:3]}"
                 )
@@ -385,27 +532,19 @@ def fit(
 
         if select_store is not None:
             value = _selection_value(row, select_prefix, cfg.selection_metric)
-            if value > best_value or history.best_epoch is None:
-                best_value, history.best_epoch = value, epoch + 1
-                _write_state(out_dir / "best.safetensors", method)
+            if value > state.best_value or history.best_epoch is None:
+                state.best_value, history.best_epoch = value, epoch + 1
+                state.best_state = _state_tensors(method)
         else:
             history.best_epoch = epoch + 1
-
-        # The resume point: trainable state, optimiser, schedule, history, best so far.
-        resume_dir.mkdir(parents=True, exist_ok=True)
-        _write_state(resume_dir / "trainable.safetensors", method)
-        state = {"optimizer": opt.state_dict(), "epoch": epoch + 1, "best_value": best_value,
-                 "scheduler": sched.state_dict() if sched is not None else {},
-                 "history": json.dumps(history.to_dict())}
-        atomic_write(resume_dir / "state.pt", lambda p, s=state: torch.save(s, p))
-        history.save(out_dir)
+        state.epoch = epoch + 1
+        save_resume_point(out_dir, method, opt, sched, state)
         for callback in callbacks:
             callback(history, row)
 
-    if select_store is not None and (out_dir / "best.safetensors").is_file():
-        method.load_trainable_state_dict(load_file(str(out_dir / "best.safetensors")))
-    _write_state(out_dir / CHECKPOINT, method)
-    history.save(out_dir)
+    if state.best_state is not None:
+        method.load_trainable_state_dict(state.best_state)
+    publish_outputs(out_dir, method, history)
     set_mode(method, False)
     return history
 
