@@ -73,15 +73,16 @@ return {
 DOM_STATE_JS = """
 const nb = document.querySelector('.jp-NotebookPanel:not(.lm-mod-hidden)');
 const count = (sel, root) => (root || document).querySelectorAll(sel).length;
-const texts = (sel) => Array.from(document.querySelectorAll(sel)).map(e => e.innerText.trim());
+const texts = (sel) => Array.from(document.querySelectorAll(sel)).map(e => e.textContent.trim());
 if (!nb) { return null; }
 const outImgs = Array.from(nb.querySelectorAll('.jp-OutputArea-output img'))
   .filter(i => !i.closest('.jupyter-widgets'));  // an Image widget is not a stored image output
 const mdImgs = Array.from(nb.querySelectorAll('.jp-RenderedMarkdown img'));
-const widgetOutputs = Array.from(nb.querySelectorAll('.jp-OutputArea-output'))
-  .filter(o => o.querySelector('.jupyter-widgets')
-               || o.innerText.includes('Error displaying widget')
-               || o.innerText.includes('Loading widget'));
+// arguments[0]: indices of the cells whose stored outputs hold a widget view.
+const cells = nb.querySelectorAll('.jp-Cell');
+const widgetCells = arguments[0].map(i => cells[i]).filter(c => c);
+const widgetText = c => Array.from(c.querySelectorAll('.jp-OutputArea-output'))
+  .map(o => o.textContent.trim()).join(' ').slice(0, 120);  // innerText is empty off screen
 return {
   dialogs: texts('.jp-Dialog'),
   dirtyTabs: texts('.lm-TabBar-tab.jp-mod-dirty'),
@@ -91,9 +92,12 @@ return {
   outputImagesDrawn: outImgs.filter(i => i.complete && i.naturalWidth > 0).length,
   markdownImages: mdImgs.length,
   markdownImagesDrawn: mdImgs.filter(i => i.complete && i.naturalWidth > 0).length,
-  widgetOutputs: widgetOutputs.filter(o => o.querySelector('.jupyter-widgets')).length,
-  widgetErrors: widgetOutputs.map(o => o.innerText.trim())
-    .filter(t => t.includes('Error displaying widget') || t.includes('Loading widget')),
+  widgetOutputs: widgetCells.filter(c => c.querySelector('.jp-OutputArea-output .jupyter-widgets'))
+    .length,
+  widgetShownInstead: widgetCells
+    .filter(c => !c.querySelector('.jp-OutputArea-output .jupyter-widgets')).map(widgetText),
+  widgetErrors: widgetCells.map(widgetText)
+    .filter(t => t.includes('Error displaying widget')),
   widgetElements: count('.jupyter-widgets', nb),
 };
 """
@@ -145,9 +149,11 @@ def expected(path: Path) -> dict:
     nb = json.loads(path.read_text())
     outputs = [o for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])]
     data = [o.get("data", {}) for o in outputs]
+    widget_cells = [i for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code"
+                    and any(WIDGET_VIEW in o.get("data", {}) for o in c.get("outputs", []))]
     markdown = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown"]
     return {"images": sum(any(k.startswith("image/") for k in d) for d in data),
-            "widgets": sum(WIDGET_VIEW in d for d in data),
+            "widgets": sum(WIDGET_VIEW in d for d in data), "widget_cells": widget_cells,
             "math": any("$" in m for m in markdown),
             "markdown_images": sum(m.count("![") for m in markdown),
             "metadata": nb["metadata"]}
@@ -276,15 +282,15 @@ def wait_for(fn, timeout: float, what: str, poll: float = 0.25):
         time.sleep(poll)
 
 
-def settled(driver, js: str, done, quiet: float, timeout: float) -> dict:
-    """Poll a DOM probe until ``done(probe)`` holds and the probe has not changed for
+def settled(probe, done, quiet: float, timeout: float) -> dict:
+    """Call ``probe()`` until ``done(probe)`` holds and the probe has not changed for
     ``quiet`` seconds (MathJax typesets, images decode and widgets render after the kernel is
     idle, and a late metadata change would mark the tab later); at ``timeout``, return the
     last probe as it is."""
     t0 = time.monotonic()
     last, since = None, time.monotonic()
     while True:
-        state = driver.execute_script(js)
+        state = probe()
         sig = json.dumps(state, sort_keys=True)
         if sig != last:
             last, since = sig, time.monotonic()
@@ -312,14 +318,19 @@ def check_notebook(driver, base: str, token: str, path: Path, timeout: float,
     want = expected(path)
     name = path.name
     driver.get(f"{base}/lab/tree/notebooks/{name}?reset&token={token}")
+
+    def probe() -> dict | None:
+        return driver.execute_script(DOM_STATE_JS, want["widget_cells"])
+
     try:
         state = wait_for(lambda: (s := driver.execute_script(PANEL_STATE_JS)) and s["ready"]
                          and s["path"].endswith(name) and s["status"] == "idle" and s,
                          timeout, f"{name} to open with an idle kernel")
     except TimeoutError as err:
-        dom = driver.execute_script(DOM_STATE_JS) or {}
+        dom = probe() or {}
         dialogs = "; ".join(dom.get("dialogs", []))
         return [f"{name}: {err}" + (f" (dialog: {dialogs})" if dialogs else "")]
+
     def complete(d: dict) -> bool:  # everything stored is drawn (or something went wrong)
         return bool(d["dialogs"] or d["mathErrors"] or d["widgetErrors"]) or (
             (d["mathjax"] > 0 or not want["math"])
@@ -327,7 +338,7 @@ def check_notebook(driver, base: str, token: str, path: Path, timeout: float,
             and d["markdownImagesDrawn"] >= want["markdown_images"]
             and d["widgetOutputs"] >= want["widgets"])
 
-    dom = settled(driver, DOM_STATE_JS, complete, quiet=2.0, timeout=timeout)
+    dom = settled(probe, complete, quiet=2.0, timeout=timeout)
     state = driver.execute_script(PANEL_STATE_JS) or state
     fails = []
     if dom.get("dialogs"):
@@ -350,9 +361,10 @@ def check_notebook(driver, base: str, token: str, path: Path, timeout: float,
     if dom.get("widgetOutputs", 0) < want["widgets"] or dom.get("widgetErrors"):
         fails.append(f"{name}: {want['widgets']} stored widget views, "
                      f"{dom.get('widgetOutputs', 0)} rendered as .jupyter-widgets"
-                     + (f"; shown instead: {dom['widgetErrors'][:2]}"
-                        if dom.get("widgetErrors") else "")
-                     + " (untrusted notebook, or no widget state in its metadata?)")
+                     + (f"; shown instead: {dom['widgetShownInstead'][:2]}"
+                        if dom.get("widgetShownInstead") else "")
+                     + " (a text repr: the notebook is not trusted; 'model not found': "
+                       "no widget state in its metadata)")
     if screenshot is not None and want["widgets"]:
         el = driver.execute_script(
             "const w = document.querySelector('.jp-NotebookPanel:not(.lm-mod-hidden) "
