@@ -55,6 +55,7 @@ nb-metadata: $(STAMP)
 # Open notebooks in JupyterLab in headless Chromium (tests/lab/check_lab.py). Installs
 # Chromium and its driver with apt-get if no browser/driver is found (root, else sudo).
 LAB_NOTEBOOKS ?= 01 03 08
+CHECK_LAB_ARGS ?=  # e.g. --screenshot /tmp/explorer.png --keep
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 check-lab: $(STAMP)
@@ -63,7 +64,7 @@ check-lab: $(STAMP)
 		echo "check-lab: installing chromium and chromium-driver with apt-get"; \
 		$(SUDO) apt-get update -q && \
 		$(SUDO) apt-get install -y -q --no-install-recommends chromium chromium-driver; }
-	$(PY) tests/lab/check_lab.py --only $(LAB_NOTEBOOKS)
+	$(PY) tests/lab/check_lab.py --only $(LAB_NOTEBOOKS) $(CHECK_LAB_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

@@ -70,7 +70,7 @@ return {
 """
 
 # What the notebook shows (DOM only: what a user would see).
-DOM_STATE_JS = """
+DOM_STATE_JS = r"""
 const nb = document.querySelector('.jp-NotebookPanel:not(.lm-mod-hidden)');
 const count = (sel, root) => (root || document).querySelectorAll(sel).length;
 const texts = (sel) => Array.from(document.querySelectorAll(sel)).map(e => e.textContent.trim());
@@ -83,8 +83,17 @@ const cells = nb.querySelectorAll('.jp-Cell');
 const widgetCells = arguments[0].map(i => cells[i]).filter(c => c);
 const widgetText = c => Array.from(c.querySelectorAll('.jp-OutputArea-output'))
   .map(o => o.textContent.trim()).join(' ').slice(0, 120);  // innerText is empty off screen
+// Markdown text still holding a $ outside code and typeset math: TeX left as it was typed.
+const rawTex = Array.from(nb.querySelectorAll('.jp-RenderedMarkdown')).map(md => {
+  const c = md.cloneNode(true);
+  c.querySelectorAll('code, pre, mjx-container, script').forEach(e => e.remove());
+  const t = c.textContent;
+  const i = t.indexOf('$');
+  return i < 0 ? null : t.slice(Math.max(0, i - 30), i + 50).replace(/\s+/g, ' ');
+}).filter(t => t !== null);
 return {
   dialogs: texts('.jp-Dialog'),
+  rawTex: rawTex,
   dirtyTabs: texts('.lm-TabBar-tab.jp-mod-dirty'),
   mathjax: count('mjx-container', nb),
   mathErrors: texts('mjx-merror'),
@@ -333,7 +342,7 @@ def check_notebook(driver, base: str, token: str, path: Path, timeout: float,
 
     def complete(d: dict) -> bool:  # everything stored is drawn (or something went wrong)
         return bool(d["dialogs"] or d["mathErrors"] or d["widgetErrors"]) or (
-            (d["mathjax"] > 0 or not want["math"])
+            (d["mathjax"] > 0 and not d["rawTex"] or not want["math"])
             and d["outputImagesDrawn"] >= want["images"]
             and d["markdownImagesDrawn"] >= want["markdown_images"]
             and d["widgetOutputs"] >= want["widgets"])
@@ -350,6 +359,8 @@ def check_notebook(driver, base: str, token: str, path: Path, timeout: float,
                      + " (fix: make nb-metadata)")
     if dom.get("mathErrors"):
         fails.append(f"{name}: MathJax could not typeset: {dom['mathErrors'][:3]}")
+    if dom.get("rawTex"):
+        fails.append(f"{name}: markdown shows untypeset TeX: {dom['rawTex'][:3]}")
     if want["math"] and not dom.get("mathjax"):
         fails.append(f"{name}: the markdown has $...$ but nothing was typeset (no mjx-container)")
     if dom.get("outputImagesDrawn", 0) < want["images"]:
@@ -363,8 +374,8 @@ def check_notebook(driver, base: str, token: str, path: Path, timeout: float,
                      f"{dom.get('widgetOutputs', 0)} rendered as .jupyter-widgets"
                      + (f"; shown instead: {dom['widgetShownInstead'][:2]}"
                         if dom.get("widgetShownInstead") else "")
-                     + " (a text repr: the notebook is not trusted; 'model not found': "
-                       "no widget state in its metadata)")
+                     + " (a text repr means the notebook is not trusted: make trust; "
+                       "'model not found' means its metadata holds no widget state)")
     if screenshot is not None and want["widgets"]:
         el = driver.execute_script(
             "const w = document.querySelector('.jp-NotebookPanel:not(.lm-mod-hidden) "
