@@ -55,7 +55,8 @@ nb-metadata: $(STAMP)
 # Open notebooks in JupyterLab in headless Chromium (tests/lab/check_lab.py). Installs
 # Chromium and its driver with apt-get if no browser/driver is found (root, else sudo).
 LAB_NOTEBOOKS ?= 01 03 08
-CHECK_LAB_ARGS ?=  # e.g. --screenshot /tmp/explorer.png --keep
+# Extra options, e.g. CHECK_LAB_ARGS="--screenshot /tmp/explorer.png --keep".
+CHECK_LAB_ARGS ?=
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 check-lab: $(STAMP)
