@@ -10,7 +10,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-plain-kernels test-fast lint figures bench clean
+.PHONY: demo test test-plain-kernels test-fast lint figures bench clean trust lab nb-metadata check-lab
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,40 @@ test-fast: $(STAMP)
 
 figures: $(STAMP)
 	$(PY) -m pfl figures
+
+# JupyterLab draws stored widget views (notebook 08's explorer) only in trusted notebooks.
+# Trust is kept per user and per notebook content, so it is redone when a notebook changes.
+NOTEBOOKS := $(wildcard notebooks/[0-9]*_*.ipynb)
+TRUSTED := $(VENV)/.trusted
+
+$(TRUSTED): $(STAMP) $(NOTEBOOKS)
+	$(VENV)/bin/jupyter trust $(NOTEBOOKS)
+	touch $(TRUSTED)
+
+trust: $(TRUSTED)
+
+lab: $(TRUSTED)
+	$(VENV)/bin/jupyter lab --ServerApp.default_url=/lab/tree/notebooks
+
+# After re-executing notebooks by any other means than `pfl figures --save`: store the
+# kernelspec and language_info the installed kernel writes on open (else the tab opens unsaved).
+nb-metadata: $(STAMP)
+	$(PY) -c "from pfl.viz.figures import normalize_notebooks; normalize_notebooks()"
+
+# Open notebooks in JupyterLab in headless Chromium (tests/lab/check_lab.py). Installs
+# Chromium and its driver with apt-get if no browser/driver is found (root, else sudo).
+LAB_NOTEBOOKS ?= 01 03 08
+# Extra options, e.g. CHECK_LAB_ARGS="--screenshot /tmp/explorer.png --keep".
+CHECK_LAB_ARGS ?=
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+check-lab: $(STAMP)
+	@$(PY) -c "import selenium" 2>/dev/null || $(PY) -m pip install --quiet -e ".[notebooks,dev]"
+	@$(PY) tests/lab/check_lab.py --find-browser >/dev/null 2>&1 || { \
+		echo "check-lab: installing chromium and chromium-driver with apt-get"; \
+		$(SUDO) apt-get update -q && \
+		$(SUDO) apt-get install -y -q --no-install-recommends chromium chromium-driver; }
+	$(PY) tests/lab/check_lab.py --only $(LAB_NOTEBOOKS) $(CHECK_LAB_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

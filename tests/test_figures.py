@@ -170,3 +170,107 @@ def test_regenerate_runs_in_order_and_rebuilds_identical_bytes(tmp_path):
         assert (figs / "order.txt").read_text() == "0001"
         sums.append(figures.digests(figs))
     assert sums[0] == sums[1] and set(sums[0]) == {"00_hist.csv", "00_hist.png"}
+
+
+# Opening clean in JupyterLab 4: it rewrites kernelspec and language_info on open (a tab
+# with a different stored value opens unsaved) and draws widget views from saved state.
+
+_LAB = {"kernelspec": {"name": "python3", "display_name": "Python 3 (ipykernel)",
+                       "language": "python"},
+        "language_info": {"name": "python", "version": "3.11.7", "mimetype": "text/x-python",
+                          "codemirror_mode": {"name": "ipython", "version": 3},
+                          "pygments_lexer": "ipython3", "nbconvert_exporter": "python",
+                          "file_extension": ".py"}}
+
+
+def test_normalize_metadata_sets_what_lab_writes_and_keeps_the_rest():
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("1")])
+    nb.metadata.update({"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                       "language": "python"},
+                        "language_info": {**_LAB["language_info"], "version": "3.11.2"},
+                        "widgets": {"kept": True}})
+    assert figures.normalize_metadata(nb, _LAB) == ["kernelspec", "language_info"]
+    assert {k: nb.metadata[k] for k in _LAB} == _LAB and nb.metadata["widgets"] == {"kept": True}
+    _LAB["kernelspec"]["display_name"] = "changed later"  # a copy is stored, not the dict
+    try:
+        assert nb.metadata["kernelspec"]["display_name"] == "Python 3 (ipykernel)"
+    finally:
+        _LAB["kernelspec"]["display_name"] = "Python 3 (ipykernel)"
+    assert figures.normalize_metadata(nb, _LAB) == []
+
+
+def test_normalize_notebooks_rewrites_metadata_only_and_leaves_clean_files(tmp_path,
+                                                                           monkeypatch):
+    monkeypatch.setattr(figures, "kernel_metadata", lambda kernel_name="python3": _LAB)
+    stale, clean = tmp_path / "01_stale.ipynb", tmp_path / "02_clean.ipynb"
+    _write_notebook(stale, "print('hi')")
+    nb = nbformat.read(stale, as_version=4)
+    nb.cells[0].outputs = [nbformat.v4.new_output("stream", text="hi\n")]
+    nbformat.write(nb, stale)
+    nb.metadata.update(_LAB)
+    nbformat.write(nb, clean)
+    before_cells = nbformat.read(stale, as_version=4).cells
+    clean_stat = clean.stat()
+    assert figures.normalize_notebooks([stale, clean], write=False, log=None) == {
+        "01_stale.ipynb": ["kernelspec", "language_info"]}
+    assert nbformat.read(stale, as_version=4).metadata["kernelspec"]["display_name"] == "Python 3"
+    changed = figures.normalize_notebooks([stale, clean], log=None)
+    assert changed == {"01_stale.ipynb": ["kernelspec", "language_info"]}
+    after = nbformat.read(stale, as_version=4)
+    assert after.cells == before_cells and {k: after.metadata[k] for k in _LAB} == _LAB
+    # The clean notebook was not rewritten (same inode and mtime: atomic writes replace files).
+    assert (clean.stat().st_ino, clean.stat().st_mtime_ns) == (clean_stat.st_ino,
+                                                               clean_stat.st_mtime_ns)
+    assert figures.normalize_notebooks([stale, clean], write=False, log=None) == {}
+
+
+def test_a_missing_kernel_is_named_with_the_fix():
+    with pytest.raises(FileNotFoundError, match="ipykernel install --sys-prefix --name nope"):
+        figures.kernelspec_metadata("nope")
+
+
+def test_committed_notebooks_carry_what_the_installed_kernel_writes():
+    """The unsaved-on-open bug of issue #14 without a browser: JupyterLab replaces kernelspec
+    with the installed spec's and language_info with the kernel's (ipykernel's, for this
+    Python); any difference marks the tab dirty. ``make nb-metadata`` fixes a failure."""
+    from ipykernel.ipkernel import IPythonKernel
+
+    spec = figures.kernelspec_metadata()
+    info = dict(IPythonKernel.language_info)
+    version = info.pop("version")
+    for path in figures.numbered_notebooks(figures.default_dirs()[0]):
+        meta = nbformat.read(path, as_version=4).metadata
+        assert meta["kernelspec"] == spec, f"{path.name}: run make nb-metadata"
+        stored = dict(meta["language_info"])
+        # The patch version is the executing machine's Python; the rest must match exactly.
+        assert stored.pop("version").split(".")[:2] == version.split(".")[:2], path.name
+        assert stored == info, f"{path.name}: run make nb-metadata"
+
+
+@pytest.mark.slow
+def test_kernel_metadata_is_what_a_started_kernel_reports():
+    import platform
+
+    lab = figures.kernel_metadata()
+    assert lab["kernelspec"] == figures.kernelspec_metadata()
+    assert lab["language_info"]["name"] == "python"
+    assert lab["language_info"]["version"] == platform.python_version()  # the venv's kernel
+
+
+@pytest.mark.slow
+def test_execute_notebook_stores_the_installed_kernelspec_and_this_runs_widgets(tmp_path):
+    path = tmp_path / "09_widgets.ipynb"
+    _write_notebook(path, "import ipywidgets as w\nw.IntSlider(value=3, description='R')")
+    nb = nbformat.read(path, as_version=4)
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {
+        "state": {"stale": {"model_name": "OldModel"}}, "version_major": 2, "version_minor": 0}}
+    nbformat.write(nb, path)
+    figures.execute_notebook(path, save=True, timeout=120)
+    nb = nbformat.read(path, as_version=4)
+    assert nb.metadata["kernelspec"] == figures.kernelspec_metadata()
+    state = nb.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    assert "stale" not in state
+    sliders = [m["state"] for m in state.values() if m["model_name"] == "IntSliderModel"]
+    assert len(sliders) == 1 and sliders[0]["value"] == 3 and sliders[0]["description"] == "R"
+    view = nb.cells[0].outputs[-1]["data"]["application/vnd.jupyter.widget-view+json"]
+    assert view["model_id"] in state  # the stored view points at a stored model

@@ -671,6 +671,23 @@ def pretrain(cfg: PretrainConfig, out: str | Path, stop_after: int | None = None
     return history
 
 
+def weights_from_checkpoint(ckpt: str | Path, path: str | Path,
+                            dtype: torch.dtype = torch.float16) -> str:
+    """Export the open_clip weights held in a checkpoint file, or in the newest point of a run
+    folder (e.g. of an unfinished run); -> SHA-256."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    if Path(ckpt).is_dir():
+        point = latest_point(Path(ckpt) / RESUME)
+        ckpt = point / CHECKPOINT if point is not None else Path(ckpt) / CHECKPOINT
+    with safe_open(str(ckpt), framework="pt") as f:
+        sd = {k[len("model.clip."):]: _cast(k, f.get_tensor(k), dtype)
+              for k in f.keys() if k.startswith("model.clip.")}
+    atomic_write(path, lambda p: save_file(sd, p))
+    return sha256(path)
+
+
 def command_line(cfg: PretrainConfig, out: str = "runs/tiny_clip") -> str:
     """The CLI command that runs ``cfg``: only fields that differ from the defaults appear."""
     args = ["python", "-m", "pfl", "pretrain", "--out", out]

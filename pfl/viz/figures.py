@@ -17,12 +17,23 @@ the last bits. Figures of timings would break this; the notebooks keep timings o
 The executed notebooks are not written back unless ``save=True`` (their stored outputs are
 what ``pytest --nbval`` compares against, in the smoke profile).
 
+Opening clean in JupyterLab 4. On open, JupyterLab starts the notebook's kernel and writes
+its ``kernelspec`` (name, display name and language of the installed spec) and
+``language_info`` (exactly as the kernel reports it) into the notebook; a value that differs
+from the stored one marks the tab unsaved at once. :func:`normalize_notebooks` stores what
+the installed kernel would write (``make nb-metadata``), and :func:`execute_notebook` does the
+same for the notebooks it saves. It also stores the state of the widgets the notebook made
+(``widgets`` metadata), which JupyterLab needs to draw a stored widget view without running
+the notebook; it draws them only in a trusted notebook (``jupyter trust``, done by
+``make trust`` / ``make lab``), and shows their text repr otherwise.
+
 >>> FIGURE_NAME.findall('save_figure(fig, FIG / "08_sweeps.png", csv=s)  # 00b_x.csv')
 ['08_sweeps.png', '00b_x.csv']
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import re
@@ -38,6 +49,7 @@ NOTEBOOK_NAME = re.compile(r"^(\d+)[a-z]?_[^/]*\.ipynb$")  # 00_x, 00b_y (after 
 FIGURE_NAME = re.compile(r"\b(\d\d[a-z]?_[A-Za-z0-9_\-]+\.(?:png|csv))\b")
 FIGURE_SUFFIXES = (".png", ".csv")
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+KERNEL_NAME = "python3"  # the kernel `make` installs (ipykernel install --name python3)
 
 
 def default_dirs() -> tuple[Path, Path]:
@@ -107,11 +119,103 @@ def kernel_env(profile: str | None = None, threads: int | None = 1) -> dict[str,
     return env
 
 
+def kernelspec_metadata(kernel_name: str = KERNEL_NAME) -> dict[str, str]:
+    """The ``kernelspec`` metadata JupyterLab 4 writes into a notebook it opens on the
+    installed kernel ``kernel_name``: its name, display name and language (for the spec that
+    ``make`` installs, ``{"name": "python3", "display_name": "Python 3 (ipykernel)",
+    "language": "python"}``).
+
+    Raises:
+        FileNotFoundError: no kernel of that name is installed.
+    """
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        spec = KernelSpecManager().get_kernel_spec(kernel_name)
+    except NoSuchKernel as err:
+        raise FileNotFoundError(
+            f"no Jupyter kernel named {kernel_name!r} is installed: install it with `python -m "
+            f"ipykernel install --sys-prefix --name {kernel_name}` (make does)") from err
+    return {"name": kernel_name, "display_name": spec.display_name, "language": spec.language}
+
+
+def kernel_metadata(kernel_name: str = KERNEL_NAME, timeout: float = 120) -> dict[str, dict]:
+    """``{"kernelspec": ..., "language_info": ...}`` exactly as JupyterLab 4 writes them when
+    it opens a notebook on ``kernel_name``: the spec of :func:`kernelspec_metadata`, and the
+    ``language_info`` of the kernel's own ``kernel_info_reply`` (a kernel is started for it, a
+    few seconds; ``version`` is the kernel's Python, e.g. ``3.11.7``)."""
+    from jupyter_client.manager import start_new_kernel
+
+    spec = kernelspec_metadata(kernel_name)
+    km, kc = start_new_kernel(kernel_name=kernel_name, startup_timeout=timeout)
+    try:
+        reply = kc.kernel_info(reply=True, timeout=timeout)
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+    return {"kernelspec": spec, "language_info": reply["content"]["language_info"]}
+
+
+def normalize_metadata(nb, lab: dict[str, dict]) -> list[str]:
+    """Store in ``nb.metadata`` each key of ``lab`` (from :func:`kernel_metadata`), so that
+    JupyterLab finds nothing to rewrite on open; return the keys whose value changed.
+
+    >>> import nbformat
+    >>> nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3",
+    ...     "display_name": "Python 3", "language": "python"}})
+    >>> lab = {"kernelspec": {"name": "python3", "display_name": "Python 3 (ipykernel)",
+    ...                       "language": "python"}}
+    >>> normalize_metadata(nb, lab), normalize_metadata(nb, lab)
+    (['kernelspec'], [])
+    """
+    changed = []
+    for key, value in lab.items():
+        if nb.metadata.get(key) != value:
+            nb.metadata[key] = copy.deepcopy(value)
+            changed.append(key)
+    return changed
+
+
+def normalize_notebooks(paths: Sequence[str | Path] | None = None, *,
+                        kernel_name: str = KERNEL_NAME, write: bool = True,
+                        log: Callable[[str], None] | None = print) -> dict[str, list[str]]:
+    """Store in each notebook (default: every numbered one) the ``kernelspec`` and
+    ``language_info`` the installed kernel writes on open (:func:`kernel_metadata`), so
+    JupyterLab opens it with its tab clean. Only the metadata changes (cells and outputs stay
+    byte for byte); a changed notebook is rewritten atomically, an unchanged one not at all.
+    ``write=False`` only reports. Returns ``{notebook name: changed keys}`` for the notebooks
+    that differ(ed).
+    """
+    import nbformat
+
+    paths = [Path(p) for p in paths] if paths is not None else numbered_notebooks(
+        default_dirs()[0])
+    lab = kernel_metadata(kernel_name)
+    changed = {}
+    for path in paths:
+        nb = nbformat.read(path, as_version=4)
+        keys = normalize_metadata(nb, lab)
+        if keys:
+            changed[path.name] = keys
+            if write:
+                atomic_write(path, lambda tmp, nb=nb: nbformat.write(nb, tmp))
+        if log:
+            done = " set" if write else " differ"
+            log(f"{path.name}: {', '.join(keys) + done if keys else 'clean'}")
+    return changed
+
+
 def execute_notebook(path: str | Path, *, env: dict[str, str] | None = None,
-                     timeout: int = 900, save: bool = False, kernel_name: str = "python3"
+                     timeout: int = 900, save: bool = False, kernel_name: str = KERNEL_NAME
                      ) -> float:
     """Run one notebook top to bottom in a fresh kernel whose working folder is the
     notebook's; return the wall-clock seconds. ``save``: write the outputs back (atomically).
+
+    The notebook keeps what JupyterLab needs to open it clean and draw its widgets: the
+    kernel's ``language_info`` (nbclient stores it), the installed ``kernelspec``
+    (:func:`kernelspec_metadata`) and the state of this run's widgets (``widgets`` metadata;
+    a previous run's state is dropped first, so none is left when the notebook no longer
+    makes widgets).
 
     Raises:
         nbclient.exceptions.CellExecutionError naming the cell when a cell fails.
@@ -121,11 +225,14 @@ def execute_notebook(path: str | Path, *, env: dict[str, str] | None = None,
 
     path = Path(path)
     nb = nbformat.read(path, as_version=4)
+    nb.metadata.pop("widgets", None)
     client = NotebookClient(nb, timeout=timeout, kernel_name=kernel_name,
+                            store_widget_state=True,
                             resources={"metadata": {"path": str(path.parent)}})
     t0 = time.perf_counter()
     client.execute(env=env if env is not None else kernel_env())
     seconds = time.perf_counter() - t0
+    nb.metadata["kernelspec"] = kernelspec_metadata(kernel_name)
     if save:
 
         atomic_write(path, lambda tmp: nbformat.write(nb, tmp))
