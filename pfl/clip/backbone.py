@@ -153,10 +153,11 @@ def _quiet_open_clip():
         root.setLevel(level)
 
 
-def create_clip(cfg: BackboneConfig) -> nn.Module:
-    """An open_clip model for ``cfg``: random init with ``cfg.init_seed``, then local weights."""
+def create_clip(cfg: BackboneConfig, load: bool = True) -> nn.Module:
+    """An open_clip model for ``cfg``: random init with ``cfg.init_seed``, then local weights
+    (``load=False``: the random init only, e.g. when only the tower's sizes are needed)."""
     register_configs()
-    weights = resolve_weights(cfg)
+    weights = resolve_weights(cfg) if load else None
     # Seed the init without disturbing the caller's global RNG stream.
     with torch.random.fork_rng(devices=[]), _quiet_open_clip():
         torch.manual_seed(cfg.init_seed)
