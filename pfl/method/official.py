@@ -246,32 +246,15 @@ UNUSED_PREFIXES = ("context_decoder.", "state_decoder.", "PFL_context.decoder.",
                    "PFL_normal.p_mu.", "PFL_abnormal.p_mu.")
 
 
-def convert_state_dict(theirs: dict[str, Tensor], ours: dict[str, Tensor],
-                       source: str = "checkpoint") -> tuple[dict[str, Tensor], list[str]]:
-    """The authors' state dict -> a full ``pfl`` trainable state dict (shapes of ``ours``).
+def check_keys(theirs: dict[str, Tensor], source: str = "checkpoint"
+               ) -> tuple[dict[str, str], list[str]]:
+    """The key map for the authors' state dict ``theirs`` and their keys left out.
 
-    Args:
-        theirs: the authors' ``MyModel`` state dict.
-        ours: a ``BayesPFL.trainable_state_dict()`` of the target configuration (its keys and
-            shapes; values are replaced).
-        source: the file name for error messages.
-
-    Returns:
-        ``(state, dropped)``: the state to load and the authors' keys left out (unused
-        reconstruction path, and aliases equal to their first name).
-
-    Raises:
-        ValueError: naming every missing key, unknown key, alias that differs from its first
-            name, or shape that does not fit.
+    Raises a ValueError naming every missing key, unknown key and alias that differs from its
+    first name; needs no model (the import checks the file before building one).
     """
     n_layers = sum(1 for k in theirs if k.startswith("RCA.linear_proj."))
     second = any(k.startswith(("fuse.", "image_mapping.")) for k in theirs)
-    want_second = any(k.startswith("global_head.") for k in ours)
-    if second != want_second:
-        raise ValueError(f"{source}: the checkpoint {'has' if second else 'lacks'} the "
-                         "second-stage head (fuse, image_mapping) but the configuration "
-                         f"{'lacks' if second else 'has'} it: set ModelConfig.second_stage="
-                         f"{second}")
     mapping = key_map(n_layers, second_stage=second)
     missing = sorted(set(mapping) - set(theirs))
     dropped, unknown, bad_alias = [], [], []
@@ -295,10 +278,38 @@ def convert_state_dict(theirs: dict[str, Tensor], ours: dict[str, Tensor],
             f"from their first name {sorted(bad_alias)}. Pass the .pth that their train.py "
             "writes ({'MyModel': state_dict}) for the ViT-L-14-336 model."
         )
+    return mapping, sorted(dropped)
+
+
+def convert_state_dict(theirs: dict[str, Tensor], ours: dict[str, Tensor],
+                       source: str = "checkpoint") -> tuple[dict[str, Tensor], list[str]]:
+    """The authors' state dict -> a full ``pfl`` trainable state dict (shapes of ``ours``).
+
+    Args:
+        theirs: the authors' ``MyModel`` state dict.
+        ours: a ``BayesPFL.trainable_state_dict()`` of the target configuration (its keys and
+            shapes; values are replaced).
+        source: the file name for error messages.
+
+    Returns:
+        ``(state, dropped)``: the state to load and the authors' keys left out (unused
+        reconstruction path, and aliases equal to their first name).
+
+    Raises:
+        ValueError: naming every missing key, unknown key, alias that differs from its first
+            name, or shape that does not fit.
+    """
+    mapping, dropped = check_keys(theirs, source)
+    second = any(v.startswith("global_head.") for v in mapping.values())
+    if second != any(k.startswith("global_head.") for k in ours):
+        raise ValueError(f"{source}: the checkpoint {'has' if second else 'lacks'} the "
+                         "second-stage head (fuse, image_mapping) but the configuration "
+                         f"{'lacks' if second else 'has'} it: set ModelConfig.second_stage="
+                         f"{second}")
     out = {k: v.detach().clone() for k, v in ours.items()}
     filled: set[str] = set()
     for their_key, our_key in mapping.items():
-        value = theirs[their_key].detach().float()
+        value = theirs[their_key].detach()
         name, index = our_key, None
         if our_key.endswith("]"):
             name, index = our_key[:-1].split("[")
@@ -308,7 +319,7 @@ def convert_state_dict(theirs: dict[str, Tensor], ours: dict[str, Tensor],
             raise ValueError(f"{source}: {their_key} has shape {tuple(value.shape)}, pfl's "
                              f"{our_key} needs {tuple(target.shape)} (check ModelConfig: B, P, "
                              "Q, K and the backbone)")
-        target.copy_(value.reshape(target.shape))
+        target.copy_(value.reshape(target.shape))  # copy_ casts to pfl's dtype
         filled.add(name)
     # Shared modules appear under every name in pfl's state dict too: fill the aliases.
     for k in out:

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from pfl.clip.backbone import Backbone, create_clip
 from pfl.config import Profile, official
 from pfl.method.model import BayesPFL
-from pfl.method.official import convert_state_dict
+from pfl.method.official import check_keys, convert_state_dict
 from pfl.run.checkpoints import CHECKPOINT, CONFIG
 from pfl.utils import atomic_write, atomic_write_json
 
@@ -90,6 +90,7 @@ def import_official(checkpoint: str | Path, out_dir: str | Path, *,
         raise ValueError(f"stage must be 1 or 2, got {stage}")
     profile = profile or official()
     theirs, safe = read_official_checkpoint(checkpoint)
+    check_keys(theirs, str(checkpoint))  # before building a model: a bad file fails fast
     has_head = any(k.startswith(("fuse.", "image_mapping.")) for k in theirs)
     if has_head != profile.model.second_stage:
         profile = profile.replace(model={"second_stage": has_head})
