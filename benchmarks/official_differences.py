@@ -58,6 +58,31 @@ def main() -> None:
         return t
 
     s1, s2 = infer(model, 1), infer(model, 2)
+    match = [("anomaly map", s2.anomaly_map, exp["infer.anomaly_map"]),
+             ("smoothed map (sigma 8)", torch.from_numpy(smooth_maps(s2.anomaly_map, 8.0)),
+              exp["infer.anomaly_map_smoothed"]),
+             ("stage-1 score", s1.score, exp["infer.stage1.score"]),
+             ("stage-2 score", s2.score, exp["infer.stage2.score"])]
+    print("| pfl with the official preset vs the authors' code | max abs difference |")
+    print("|---|---|")
+    for name, got, want in match:
+        print(f"| {name} | {float((got.double() - want.double()).abs().max()):.2g} |")
+    _, _, scalars = fx.load_data()
+    want = {k: v["value"] for k, v in scalars["train"]["terms"].items() if "value" in v}
+    t = train_terms(model, prof.train)
+    for name, key in (("CE", "cls_ce"), ("focal (4 layers)", "focal_sum_4_layers"),
+                      ("dice (4 layers)", "dice_sum_4_layers"), ("L_ort", "orthogonality"),
+                      ("ISD flow term x0.01", "flow_isd_weighted"),
+                      ("IAD normal flow term x0.01", "flow_iad_normal_weighted"),
+                      ("IAD abnormal flow term x0.01", "flow_iad_abnormal_weighted"),
+                      ("total", "total")):
+        attr = {"cls_ce": "cls", "focal_sum_4_layers": "focal", "dice_sum_4_layers": "dice",
+                "orthogonality": "ort", "flow_isd_weighted": "flow_isd",
+                "flow_iad_normal_weighted": "flow_normal",
+                "flow_iad_abnormal_weighted": "flow_abnormal", "total": "total"}[key]
+        value = float(getattr(t, attr)) * (0.01 if "flow" in key else 1.0)
+        print(f"| {name} | {abs(value - want[key]):.2g} |")
+    print()
     rows.append(("second stage (image score)", "stage-1 vs stage-2 score",
                  float((s1.score - s2.score).abs().max())))
     raw = s2.anomaly_map.numpy()
