@@ -14,6 +14,7 @@ from _toy import ToyMethod, toy_store
 from pfl import config
 from pfl.cli import main
 from pfl.config import ModelConfig, TrainConfig
+from pfl.method.contract import Batch
 from pfl.method.flows import PromptFlow
 from pfl.method.model import BayesPFL
 from pfl.run.evaluate import official_scores, official_topk
@@ -43,7 +44,8 @@ def test_official_init(tiny_backbone):
         if isinstance(mod, torch.nn.Linear) and not name.startswith(("backbone", "rca")):
             assert float(mod.weight.detach().std()) == pytest.approx(0.02, rel=0.2), name
             assert float(mod.bias.detach().abs().max()) == 0.0, name
-    free = torch.cat([m.iad_normal.u.flatten(), m.iad_normal.w.flatten(), m.iad_state.flatten()])
+    free = torch.cat([m.iad_normal.u.flatten(), m.iad_normal.w.flatten(),
+                      m.iad_state.flatten()]).detach()
     assert float(free.std()) == pytest.approx(1.0, rel=0.1)
     bound = 1 / m.rca.query.weight.shape[1] ** 0.5  # torch's default Linear/Conv1d init
     assert float(m.rca.query.weight.abs().max()) <= bound
@@ -82,6 +84,12 @@ def test_second_stage_changes_scores_not_maps_and_trains_on_ce(tiny_backbone):
     assert {id(p) for p in params} == {id(p) for p in [*m.phi.parameters(),
                                                        *m.global_head.parameters()]}
     assert int(m.trainable_state_dict()["image_stage"]) == 2
+    m.train()
+    batch = Batch(["bottle", "pcb1"], images=x, masks=torch.zeros(2, S, S),
+                  labels=torch.tensor([0, 1]))
+    step = m.training_step(batch, torch.Generator().manual_seed(0))
+    assert float(step.total) == pytest.approx(step.terms["cls"]) != step.terms["total"]
+    m.eval()
     # the patch attention pooling against a loop
     feats = tiny_backbone.encode_image(x)
     fuse = m.global_head.fuse
@@ -125,3 +133,28 @@ def test_cli_import_official_names_missing_keys(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "missing keys" in err and "temperature_pixel" in err
     assert main(["import-official", str(tmp_path / "none.pth"), "--out", "x"]) == 2
+
+
+class _TwoStageToy(ToyMethod):
+    """A toy method with the second-stage hook: only ``glob`` trains in the second stage."""
+
+    stage = 1
+
+    def begin_second_stage(self):
+        self.stage = 2
+        return [self.glob]
+
+
+def test_fit_runs_the_second_stage_on_its_parameters_only(tmp_path):
+    aux = toy_store(["a", "b", "c"], n_per_class=4, seed=0)
+    cfg = TrainConfig(epochs=1, batch_size=4, lr=0.05, seed=3, second_stage_epochs=2)
+    first = ToyMethod()
+    fit(first, aux, dataclasses.replace(cfg, second_stage_epochs=0), tmp_path / "one")
+    m = _TwoStageToy()
+    h = fit(m, aux, cfg, tmp_path / "two")
+    assert m.stage == 2
+    stage2 = [r for r in h.steps if r.get("stage") == 2]
+    assert len(stage2) == 2 * 3 and {r["epoch"] for r in stage2} == {2, 3}
+    # the first stage is the same run; the second moved glob alone
+    assert torch.equal(m.heads, first.heads) and torch.equal(m.bias, first.bias)
+    assert not torch.equal(m.glob, first.glob)
