@@ -124,6 +124,12 @@ def data():
     return load_data()
 
 
+@pytest.fixture(scope="module")
+def feats(backbone, data):
+    """The frozen tower's features of the two fixture images (computed once)."""
+    return backbone.encode_image(data[0]["images"])
+
+
 def _inject(model, noise: torch.Tensor) -> None:
     """Make the model use the fixture's noise ``(3, R, N, D)`` instead of its own draws."""
     model._noise = lambda seeds, n, device, dtype: noise.to(device=device, dtype=dtype)
@@ -168,11 +174,10 @@ def test_import_refuses_missing_and_unknown_keys(imported):
         convert_state_dict(changed, ours, "x.pth")
 
 
-def test_inference_reproduces_the_authors_outputs(imported, data):
+def test_inference_reproduces_the_authors_outputs(imported, data, feats):
     _, model, _, _ = imported
     inputs, exp, scalars = data
     model.eval()
-    feats = model.backbone.encode_image(inputs["images"])
     _close(feats.global_, exp["infer.global_feature"], 1e-5, rel=True)
     _close(feats.patches.norm(dim=-1), exp["infer.patch_tokens_l2norm"], 1e-5, rel=True)
     _close(feats.patches[:, :, :8], exp["infer.patch_tokens_first8"], 1e-5, rel=True)
@@ -213,12 +218,11 @@ def test_inference_reproduces_the_authors_outputs(imported, data):
     _close(mapped, exp["infer.stage2.image_mapping_out"], 1e-5, rel=True)
 
 
-def test_training_step_reproduces_the_authors_losses(imported, data):
+def test_training_step_reproduces_the_authors_losses(imported, data, feats):
     _, model, run_profile, _ = imported
     inputs, exp, scalars = data
     model.train()
     model.image_stage.fill_(1)
-    feats = model.backbone.encode_image(inputs["images"])
     noise = torch.zeros(3, 1, 2, 768)
     noise[0, 0] = inputs["train.noise_isd"]
     noise[1, 0, 0], noise[2, 0, 0] = inputs["train.noise_iad"][0], inputs["train.noise_iad"][1]
@@ -249,7 +253,7 @@ def test_training_step_reproduces_the_authors_losses(imported, data):
     model.eval()
 
 
-def test_import_then_evaluate_round_trip(imported, data):
+def test_import_then_evaluate_round_trip(imported, data, feats):
     """The imported run evaluates like any other: scores equal the authors' stage-2 scores."""
     from pfl.config import EvalConfig
     from pfl.run.evaluate import evaluate
@@ -261,7 +265,7 @@ def test_import_then_evaluate_round_trip(imported, data):
     model.image_stage.fill_(2)
     model.reset_shared_iad()
     _inject(model, inputs["infer.noise"].permute(1, 2, 0, 3))
-    store = FeatureStore(feats=model.backbone.encode_image(inputs["images"]),
+    store = FeatureStore(feats=feats,
                          masks=inputs["masks"].to(torch.uint8), labels=inputs["labels"],
                          cls_names=CLASSES, paths=["image_0_bottle.png", "image_1_pcb1.png"])
     res = evaluate(model, store, EvalConfig(batch_size=2, image_score="official"),

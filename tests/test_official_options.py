@@ -158,3 +158,21 @@ def test_fit_runs_the_second_stage_on_its_parameters_only(tmp_path):
     # the first stage is the same run; the second moved glob alone
     assert torch.equal(m.heads, first.heads) and torch.equal(m.bias, first.bias)
     assert not torch.equal(m.glob, first.glob)
+
+
+def test_preprocessing_equals_the_authors_on_the_fixture_images():
+    """pfl's image and mask preprocessing gives the golden fixture's inputs (their transform)."""
+    from pathlib import Path
+
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from pfl.data.preprocess import image_to_tensor, mask_to_tensor
+
+    fix = Path(__file__).parent / "fixtures" / "official-bayes-pfl"
+    inputs = load_file(str(fix / "inputs.safetensors"))
+    for i, name in enumerate(["0_bottle", "1_pcb1"]):
+        image = image_to_tensor(Image.open(fix / f"image_{name}.png"), 336)
+        torch.testing.assert_close(image, inputs["images"][i], rtol=0, atol=1e-6)
+        mask = mask_to_tensor(Image.open(fix / f"mask_{name}.png"), 336)
+        assert torch.equal(mask, inputs["masks"][i])
