@@ -190,7 +190,8 @@ def _add_evaluate(sub) -> None:
                    help="dataset folders under the run profile's data root (default: its targets)")
     p.add_argument("--mc-samples", type=int, default=None,
                    help="R, the prompt samples per image (default: the run's ModelConfig.mc_test)")
-    p.add_argument("--image-score", choices=("per_image", "official_minmax"), default=None,
+    p.add_argument("--image-score", choices=("per_image", "official_minmax", "official"),
+                   default=None,
                    help="image score recipe (default: the run's, per_image)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     p.set_defaults(func=_run_evaluate)
@@ -236,6 +237,32 @@ def _run_predict(args) -> int:
     n_bad = int((table["anomalous"] == "yes").sum())
     print(f"{len(table)} images, {n_bad} at or above threshold {args.threshold}")
     print(f"scores: {args.out}/scores.csv, overlays: {args.out}/*_overlay.png")
+    return 0
+
+
+def _add_import_official(sub) -> None:
+    p = sub.add_parser("import-official",
+                       help="the authors' released checkpoint -> a pfl run folder")
+    p.add_argument("checkpoint", help="the authors' .pth ({'MyModel': state_dict})")
+    p.add_argument("--out", required=True, help="run folder to write (for evaluate/predict)")
+    p.add_argument("--stage", type=int, choices=(1, 2), default=2,
+                   help="image score of the second stage (2, their default) or the first")
+    p.set_defaults(func=_run_import_official)
+
+
+def _run_import_official(args) -> int:
+    from pfl.config import active, official
+    from pfl.run.official import import_official
+
+    base = active()
+    profile = official(base if base.name != "smoke" else None)
+    try:
+        report = import_official(args.checkpoint, args.out, profile=profile, stage=args.stage)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    print(f"next: python -m pfl evaluate --checkpoint {args.out}")
     return 0
 
 
@@ -298,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_evaluate(sub)
     _add_predict(sub)
+    _add_import_official(sub)
     _add_figures(sub)
     return parser
 

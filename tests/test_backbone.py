@@ -180,3 +180,49 @@ def test_deep_prompt_paths(tiny):
     assert torch.allclose(same, ref, atol=1e-5)
     tp = 0.5 * torch.randn(2, 2, tiny.text_width, generator=g)
     assert (tiny.encode_text_embeddings(emb, eot, overwrite_tokens(tp)) - ref).abs().max() > 1e-3
+
+
+def _holder(m: torch.nn.Module) -> torch.nn.Module:
+    """A module with the same parameter names as ``m``, traceable to a TorchScript archive
+    (OpenAI's released ``.pt`` files are such archives)."""
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for name, p in m.named_parameters(recurse=False):
+                self.register_parameter(name, p)
+            for name, child in m.named_children():
+                self.add_module(name, child)
+
+        def forward(self, x):
+            return x
+
+    return Holder()
+
+
+@pytest.mark.parametrize("kind", ["torchscript", "state_dict"])
+def test_fp16_openai_file_loads_with_pos_embed_resize(tmp_path, kind):
+    """An fp16 file (as OpenAI ships ViT-L-14-336px.pt) loads at a size that needs the
+    positional-embedding resize: cast to fp32 first, then resize (no Half bicubic on CPU)."""
+    src = create_clip(BackboneConfig(model_name="pfl-tiny", image_size=112, init_seed=8))
+    src16 = create_clip(BackboneConfig(model_name="pfl-tiny", image_size=112, init_seed=8))
+    src16.half()
+    path = tmp_path / "ViT-tiny-fp16.pt"
+    if kind == "torchscript":
+        torch.jit.trace(_holder(src16), torch.zeros(1)).save(str(path))
+    else:
+        torch.save(src16.state_dict(), path)
+    dst = create_clip(BackboneConfig(model_name="pfl-tiny", image_size=140, weights=str(path)))
+    assert dst.visual.conv1.weight.dtype == torch.float32
+    # fp16 -> fp32 is exact: the loaded weights are the fp16 values.
+    assert torch.equal(dst.visual.conv1.weight, src.visual.conv1.weight.half().float())
+    # The resize ran on the fp32 cast of the fp16 grid.
+    old = src.visual.positional_embedding.detach().half().float()
+    g = int(round((old.shape[0] - 1) ** 0.5))
+    grid = old[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
+    want = F.interpolate(grid, size=(10, 10), mode="bicubic", antialias=True,
+                         align_corners=False).permute(0, 2, 3, 1).reshape(100, -1)
+    new = dst.visual.positional_embedding.detach()
+    assert new.shape == (101, old.shape[1])
+    assert torch.equal(new[0], old[0])
+    assert torch.allclose(new[1:], want, atol=1e-6)

@@ -61,9 +61,6 @@ def test_dice_hand_values_and_options():
     # 1 - 2 * 1.2 / (2 + 1.4)
     assert abs(float(dice_loss(prob, mask, smooth=0)) - (1 - 2.4 / 3.4)) < 1e-12
     assert abs(float(dice_loss(prob, mask, smooth=1)) - (1 - 3.4 / 4.4)) < 1e-12
-    # normal map 1 - p = [0.2, 0.6, 1.0, 0.8] vs 1 - mask = [0, 0, 1, 1]: 1 - 2*1.8/(2+2.6)
-    both = dice_loss(prob, mask, smooth=0, include_normal=True)
-    assert abs(float(both) - (1 - 2.4 / 3.4) - (1 - 3.6 / 4.6)) < 1e-12
 
 
 def test_dice_is_per_image_mean_and_perfect_prediction_is_zero():
@@ -149,13 +146,25 @@ def test_bayes_pfl_loss_terms_and_total():
     assert float(flow_loss(torch.tensor([1.0, 3.0]))) == pytest.approx(0.02)
 
 
-def test_bayes_pfl_loss_official_compat_adds_normal_dice_and_rejects_bad_keys():
+def test_bayes_pfl_loss_official_form_and_rejects_bad_keys():
     probs, mask = _batch(6)
     logits, labels = torch.zeros(3, 2, dtype=torch.float64), torch.tensor([0, 1, 1])
-    paper = bayes_pfl_loss(probs[None], mask, logits, labels)
-    code = bayes_pfl_loss(probs[None], mask, logits, labels, official_compat=True)
-    normal_dice = dice_loss(1 - probs, 1 - mask)
-    assert torch.allclose(code.dice - paper.dice, normal_dice)
+    banks = torch.randn(4, 3, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    paper = bayes_pfl_loss(probs[None], mask, logits, labels, text_banks=banks)
+    code = bayes_pfl_loss(probs[None], mask, logits, labels, text_banks=banks,
+                          loss_form="official")
+    # the authors' forms, written out: fg mean + bg mean; one pooled dice; sum / (N B^2)
+    y = mask > 0.5
+    pt = torch.where(y, probs, 1 - probs)
+    px = -(1 - pt) ** 2 * torch.log(pt + 1e-8)
+    assert torch.allclose(code.focal, px[y].mean() + px[~y].mean())
+    dice = 1 - (2 * (probs * mask).sum() + 1e-5) / (probs.sum() + mask.sum() + 1e-5)
+    assert torch.allclose(code.dice, dice)
+    # (B - 1) / B ratio to the paper's L_ort, times the two states summed instead of averaged
+    assert torch.allclose(code.ort, paper.ort * 2 * 2 / 3)
+    assert torch.allclose(code.cls, paper.cls)
+    with pytest.raises(ValueError, match="loss_form"):
+        bayes_pfl_loss(probs[None], mask, logits, labels, loss_form="code")
     with pytest.raises(ValueError, match="unknown flow_losses keys"):
         bayes_pfl_loss(probs[None], mask, logits, labels, {"iad": torch.tensor(1.0)})
     with pytest.raises(ValueError, match="do not match the masks"):

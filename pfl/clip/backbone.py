@@ -107,17 +107,39 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_weights(model: nn.Module, path: Path) -> None:
-    """Load ``path`` into an open_clip model, resizing positional embeddings to its grid."""
-    sd = _read_state_dict(path)
+def to_model_dtype(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Cast every floating tensor of ``sd`` to the dtype of ``model``'s parameters.
+
+    OpenAI's ``ViT-L-14-336px.pt`` is an fp16 TorchScript archive; the authors' code casts it
+    to float32 and only then resizes the positional embeddings (REFERENCE.md, "Corrections").
+    The cast must come first: torch's bicubic/antialiased resize has no Half kernel on CPU.
+    Every fp16 value is exactly representable in fp32 (and fp64), so nothing is lost.
+    """
+    dtype = next(model.parameters()).dtype
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def load_state_dict_into(model: nn.Module, sd: dict[str, torch.Tensor],
+                         source: str = "state dict") -> None:
+    """Load a CLIP state dict (fp16 or fp32) into an open_clip model: cast to the model's dtype,
+    then resize the positional embeddings to its grid, then a strict load.
+
+    ``source`` names the file in the error message when the keys or shapes do not fit.
+    """
+    sd = to_model_dtype(sd, model)
     try:
         resize_pos_embed(sd, model)
         model.load_state_dict(sd, strict=True)
     except (RuntimeError, KeyError) as err:
         raise ValueError(
-            f"weights file {str(path)!r} does not fit the open_clip model: {err}. Check that "
+            f"weights {source} does not fit the open_clip model: {err}. Check that "
             "it holds the weights of the configured backbone (BackboneConfig.model_name)."
         ) from err
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load ``path`` into an open_clip model (fp16 or fp32; see :func:`load_state_dict_into`)."""
+    load_state_dict_into(model, _read_state_dict(Path(path)), f"file {str(path)!r}")
 
 
 @contextlib.contextmanager
@@ -133,10 +155,11 @@ def _quiet_open_clip():
         root.setLevel(level)
 
 
-def create_clip(cfg: BackboneConfig) -> nn.Module:
-    """An open_clip model for ``cfg``: random init with ``cfg.init_seed``, then local weights."""
+def create_clip(cfg: BackboneConfig, load: bool = True) -> nn.Module:
+    """An open_clip model for ``cfg``: random init with ``cfg.init_seed``, then local weights
+    (``load=False``: the random init only, e.g. when only the tower's sizes are needed)."""
     register_configs()
-    weights = resolve_weights(cfg)
+    weights = resolve_weights(cfg) if load else None
     # Seed the init without disturbing the caller's global RNG stream, and build in the
     # tower's own dtype (not the process default), so a random init is the same in any process.
     build_dtype = torch.float64 if cfg.precision == "fp64" else torch.float32

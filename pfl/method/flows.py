@@ -398,6 +398,7 @@ class PromptFlow(nn.Module):
         n_samples: int = 1,
         generator: torch.Generator | None = None,
         eps: Tensor | None = None,
+        log_det_scale: float = 1.0,
     ) -> FlowSample:
         """Draw R samples per conditioning vector and the flow loss (Algorithm 1; Eq. A.1).
 
@@ -407,6 +408,9 @@ class PromptFlow(nn.Module):
             generator: source of the per-image seeds of the noise
                 (:func:`pfl.method.sampling.draw_noise`).
             eps: ``(R, N, D)`` noise to use instead of drawing it.
+            log_det_scale: factor on ``sum_k log|det_k|`` in the loss only (1: Eq. A.1). The
+                authors' IAD loss divides it by the batch size (``ModelConfig.
+                iad_logdet_per_batch``); ``z`` and ``log_q`` do not change.
         """
         if xi.dim() != 2 or xi.shape[1] != self.cond_dim:
             raise ValueError(
@@ -418,7 +422,7 @@ class PromptFlow(nn.Module):
         u, w, b = self.flow_params(xi)
         z, sum_log_det = planar_flow(z0, u, w, b, invertible=self.invertible)
         log_q = log_q0 - sum_log_det
-        loss = (log_q - std_normal_log_prob(z)).mean(0)
+        loss = (log_q0 - log_det_scale * sum_log_det - std_normal_log_prob(z)).mean(0)
         return FlowSample(z, loss, log_q, mu, sigma)
 
 

@@ -19,7 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pfl.method.official import official_dice, official_focal, official_orthogonality
+
 FLOW_KEYS = ("isd", "normal", "abnormal")
+LOSS_FORMS = ("paper", "official")
+
+
+def _abnormal(prob: Tensor) -> Tensor:
+    # (N, 2, H, W) (normal, abnormal) -> (N, H, W) abnormal; (N, H, W) unchanged.
+    return prob[:, 1] if prob.dim() == 4 and prob.shape[1] == 2 else prob
 
 
 def _prob_correct(prob: Tensor, target: Tensor) -> Tensor:
@@ -57,19 +65,15 @@ def _dice(prob: Tensor, target: Tensor, smooth: float) -> Tensor:
     return (1.0 - (2.0 * inter + smooth) / (total + smooth)).mean()
 
 
-def dice_loss(
-    prob: Tensor, target: Tensor, smooth: float = 1.0, include_normal: bool = False
-) -> Tensor:
+def dice_loss(prob: Tensor, target: Tensor, smooth: float = 1.0) -> Tensor:
     """``1 - 2 sum_i y_i p_i / (sum_i y_i + sum_i p_i)`` per image, mean over images (Eq. A.4).
 
     Args:
         prob: ``(N, H, W)`` abnormal probability, or ``(N, 2, H, W)`` (normal, abnormal).
         target: ``(N, H, W)`` mask.
         smooth: added to numerator and denominator. Eq. A.4 is ``smooth = 0``, which is
-            0/0 on a normal image predicted all-normal; 1 keeps every image defined.
-        include_normal: the paper (``False``) scores the abnormal map against the mask; the
-            authors' code also adds the dice of the normal map against ``1 - mask``
-            (``True``, used by ``official_compat``).
+            0/0 on a normal image predicted all-normal; 1 keeps every image defined. (The
+            authors' form, pooled over the batch: :func:`pfl.method.official.official_dice`.)
 
     Returns:
         scalar.
@@ -78,17 +82,12 @@ def dice_loss(
     >>> float(dice_loss(y, y, smooth=0.0))
     0.0
     """
-    if prob.dim() == target.dim() + 1 and prob.shape[1] == 2:
-        prob = prob[:, 1]
+    prob = _abnormal(prob)
     if prob.shape != target.shape:
         raise ValueError(
             f"dice_loss: probabilities {tuple(prob.shape)} do not match masks {tuple(target.shape)}"
         )
-    target = target.to(prob.dtype)
-    loss = _dice(prob, target, smooth)
-    if include_normal:
-        loss = loss + _dice(1.0 - prob, 1.0 - target, smooth)
-    return loss
+    return _dice(prob, target.to(prob.dtype), smooth)
 
 
 def ce_loss(global_logits: Tensor, labels: Tensor) -> Tensor:
@@ -179,7 +178,7 @@ def bayes_pfl_loss(
     ort_weight: float | None = None,
     focal_gamma: float | None = None,
     dice_smooth: float = 1.0,
-    official_compat: bool = False,
+    loss_form: str | None = None,
 ) -> LossTerms:
     """The auxiliary training loss (appendix Eq. A.1-A.4, REFERENCE.md "losses").
 
@@ -197,8 +196,10 @@ def bayes_pfl_loss(
         cfg: a :class:`pfl.config.TrainConfig`; its ``flow_weight``, ``ort_weight`` and
             ``focal_gamma`` are used where the explicit arguments are ``None``.
         flow_weight, ort_weight, focal_gamma: defaults 0.01, 1, 2 (REFERENCE.md).
-        dice_smooth: see :func:`dice_loss`.
-        official_compat: the authors' dice on both the abnormal and the normal map.
+        dice_smooth: see :func:`dice_loss` (paper form only).
+        loss_form: ``"paper"`` (default) or ``"official"``: the authors' focal, dice and L_ort
+            (:func:`pfl.method.official.official_focal`, ``official_dice``,
+            ``official_orthogonality``); from ``cfg.loss_form`` when None.
     """
 
     def pick(value, name, default):
@@ -213,8 +214,16 @@ def bayes_pfl_loss(
     layers = list(pixel_probs) if pixel_probs is not None else []
     if not layers:
         raise ValueError("bayes_pfl_loss: pixel_probs is empty; pass (L, N, H, W) probabilities")
-    focal = sum(focal_loss(p, masks, focal_gamma) for p in layers)
-    dice = sum(dice_loss(p, masks, dice_smooth, include_normal=official_compat) for p in layers)
+    loss_form = pick(loss_form, "loss_form", "paper")
+    if loss_form not in LOSS_FORMS:
+        raise ValueError(f"loss_form must be one of {LOSS_FORMS}, got {loss_form!r}")
+    official = loss_form == "official"
+    if official:
+        focal = sum(official_focal(_abnormal(p), masks, focal_gamma) for p in layers)
+        dice = sum(official_dice(_abnormal(p), masks) for p in layers)
+    else:
+        focal = sum(focal_loss(p, masks, focal_gamma) for p in layers)
+        dice = sum(dice_loss(p, masks, dice_smooth) for p in layers)
     cls = ce_loss(global_logits, labels)
 
     flow_losses = dict(flow_losses or {})
@@ -225,7 +234,13 @@ def bayes_pfl_loss(
         )
     zero = cls.new_zeros(())
     flows = {k: flow_losses[k].mean() if k in flow_losses else zero for k in FLOW_KEYS}
-    ort = orthogonal_loss(text_banks) if text_banks is not None else zero
+    if text_banks is None:
+        ort = zero
+    elif official:
+        ort = official_orthogonality(torch.stack(list(text_banks)) if not isinstance(
+            text_banks, Tensor) else text_banks)
+    else:
+        ort = orthogonal_loss(text_banks)
 
     total = cls + focal + dice + ort_weight * ort
     total = total + sum(flow_loss(v, flow_weight) for v in flows.values())

@@ -32,8 +32,10 @@ of the batch when the batch has more than one image; ``pfl`` does not reproduce 
 ``official_compat=True`` switches to the authors' code where it differs from the paper:
 ``f_mu``/``f_sigma`` hidden width ``vision_width // 2`` (paper: the joint width C),
 ``sigma = exp(s / 4)`` in the flows (:class:`pfl.method.flows.GaussianEncoder`), bilinear
-upsampling with ``align_corners=True``, and the dice loss on both maps
-(:func:`pfl.method.losses.dice_loss`). ``share_iad_samples=True`` (or ``share_iad=True`` per
+upsampling with ``align_corners=True``. The other behaviours of the authors' code are named
+options of their own (``init``, ``iad_logdet_per_batch``, ``second_stage``; the loss forms in
+``TrainConfig.loss_form``), implemented in :mod:`pfl.method.official` and switched on together by
+:func:`pfl.config.official`. ``share_iad_samples=True`` (or ``share_iad=True`` per
 call) is the authors' inference: one IAD draw for every image of the run (the run seed's own
 stream); in training one per step.
 
@@ -67,6 +69,7 @@ from pfl.config import ModelConfig, TrainConfig
 from pfl.method.contract import Batch, Prediction, StepLoss
 from pfl.method.flows import GaussianEncoder, PromptFlow
 from pfl.method.losses import LossTerms, bayes_pfl_loss
+from pfl.method.official import SecondStageHead, official_init
 from pfl.method.prompts import PromptBank, PromptTemplates
 from pfl.method.rca import RCA, LayerProjections
 from pfl.method.sampling import PromptNoise, prompt_noise
@@ -201,6 +204,16 @@ class BayesPFL(nn.Module):
         self.tau_img = nn.Parameter(torch.tensor(TAU_INIT))
         self.templates = PromptTemplates(backbone.tokenize, cfg.n_ctx, cfg.n_state,
                                          cfg.class_aware)
+        # The authors' second stage (pfl.method.official.SecondStageHead): image logits from
+        # image_mapping(g + fuse(patches)) once ``image_stage`` is 2 (kept in the checkpoint).
+        self.global_head = None
+        if cfg.second_stage:
+            self.global_head = SecondStageHead(len(backbone.layers), W, E)
+            self.register_buffer("image_stage", torch.tensor(1))
+        if cfg.init == "official":
+            official_init(self, gen("official_init"))
+        elif cfg.init != "pfl":
+            raise ValueError(f"ModelConfig.init must be 'pfl' or 'official', got {cfg.init!r}")
 
     # --- bookkeeping -------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -289,7 +302,10 @@ class BayesPFL(nn.Module):
         R = noise.isd.shape[0]
         isd = self.isd(global_feature, R, eps=noise.isd)
         n_iad = noise.iad.shape[2]
-        iad = [flow(self.iad_state[s].expand(n_iad, -1), R, eps=noise.iad[s])
+        # The authors' IAD loss divides the log-det sum by the batch size N (their prior term
+        # has N rows, the flow one); only meaningful with shared IAD samples.
+        scale = 1.0 / global_feature.shape[0] if self.cfg.iad_logdet_per_batch else 1.0
+        iad = [flow(self.iad_state[s].expand(n_iad, -1), R, eps=noise.iad[s], log_det_scale=scale)
                for s, flow in enumerate((self.iad_normal, self.iad_abnormal))]
         losses = {"isd": isd.loss, "normal": iad[0].loss, "abnormal": iad[1].loss}
         return isd.z, torch.stack([iad[0].z, iad[1].z]), losses
@@ -370,13 +386,32 @@ class BayesPFL(nn.Module):
 
         # Global logits through phi (REFERENCE.md "Maps, scores, losses").
         t_img = F.normalize(self.phi(pairs), dim=-1)
-        glob = self.tau_img.exp() * torch.einsum("nmse,ne->nms", t_img, F.normalize(g, dim=-1))
+        g_img = self.global_head(g, patches) if self.second_stage_active else g
+        glob = self.tau_img.exp() * torch.einsum("nmse,ne->nms", t_img,
+                                                 F.normalize(g_img, dim=-1))
         score = glob.softmax(-1)[..., 1].mean(1)
         return BayesPFLOutput(
             anomaly_map=layer_maps.mean(1), layer_maps=layer_maps, pixel_logits=diff,
             global_logits=glob, score=score, text_features=text, flow_losses=flow_losses,
             banks=banks, n_samples=R,
         )
+
+    @property
+    def second_stage_active(self) -> bool:
+        """Whether the image logits use the second-stage head (``ModelConfig.second_stage``)."""
+        return self.global_head is not None and int(self.image_stage) == 2
+
+    def begin_second_stage(self) -> list[nn.Parameter]:
+        """Switch to the authors' second stage; returns the parameters it trains.
+
+        From now on the image logits use the second-stage head and :meth:`training_step`
+        optimises the CE loss only; only ``phi`` (their ``class_mapping``) and the head
+        (``image_mapping``, ``fuse``) train. The maps do not change.
+        """
+        if self.global_head is None:
+            raise ValueError("begin_second_stage needs ModelConfig.second_stage=True")
+        self.image_stage.fill_(2)
+        return [*self.phi.parameters(), *self.global_head.parameters()]
 
     # --- loss --------------------------------------------------------------------------------
     def pixel_probs(self, out: BayesPFLOutput) -> Tensor:
@@ -416,7 +451,6 @@ class BayesPFL(nn.Module):
         return bayes_pfl_loss(
             self.pixel_probs(out), masks, out.global_logits.transpose(0, 1), labels,
             flow_losses=out.flow_losses, text_banks=banks, cfg=cfg,
-            official_compat=self.cfg.official_compat,
         )
 
     # --- the harness contract (pfl.method.contract.Method) -------------------------------
@@ -431,7 +465,9 @@ class BayesPFL(nn.Module):
                                     generator=generator)
         dev = out.layer_maps.device
         terms = self.loss(out, batch.masks.to(dev), batch.labels.to(dev), self.train_cfg)
-        return StepLoss(terms.total, terms.as_dict())
+        # The authors' second stage trains on the CE loss alone (the other terms are logged).
+        total = terms.cls if self.second_stage_active else terms.total
+        return StepLoss(total, terms.as_dict())
 
     def predict(self, batch: Batch, generator: torch.Generator,
                 n_samples: int | None = None) -> Prediction:

@@ -15,6 +15,10 @@ peers) have no R and ignore it.
    (k = 2000 at 518 px, scaled by area: 374 at 224), then average them with weight 0.5 each.
    It uses the other test images of the category, so one image's score depends on the test
    set; use it only to compare with published numbers.
+   ``"official"`` the authors' recipe exactly (:func:`official_scores`): the top-k mean of the
+   *raw* (unsmoothed) map with k = 20 for their small-defect categories and 2000 otherwise
+   (not scaled), ``+1e-8`` in the min-max denominators, and for datasets without masks
+   (HeadCT, BrainMRI, Br35H) the min-max normalised method score alone.
 4. Metrics per category and their mean (:func:`pfl.run.metrics.evaluate_records`), collected in a
    :class:`pfl.run.results.Results` that prints the appendix's tables.
 
@@ -38,6 +42,14 @@ from tqdm.auto import tqdm
 from pfl.config import EvalConfig
 from pfl.data.preprocess import denormalize
 from pfl.method.contract import Method
+from pfl.method.official import (
+    FUSION_WEIGHT,
+    IMAGE_ONLY_DATASETS,
+    MINMAX_EPS,
+    TOPK_LARGE,
+    TOPK_SMALL,
+    TOPK_SMALL_CLASSES,
+)
 from pfl.run.checkpoints import load_run
 from pfl.run.features import FeatureStore, profile_store, progress_enabled
 from pfl.run.metrics import METRICS, evaluate_records, image_metrics
@@ -76,6 +88,38 @@ def official_minmax_scores(scores: np.ndarray, maps: np.ndarray, cls_names: Sequ
     for c in np.unique(names):
         rows = names == c
         out[rows] = 0.5 * _minmax(scores[rows]) + 0.5 * _minmax(local[rows])
+    return out
+
+
+def official_topk(cls_name: str) -> int:
+    """The authors' k for the top-k mean of a category's raw maps (20 for small defects)."""
+    return TOPK_SMALL if cls_name in TOPK_SMALL_CLASSES else TOPK_LARGE
+
+
+def official_scores(scores: np.ndarray, raw_topk: np.ndarray, cls_names: Sequence[str],
+                    image_only: bool = False) -> np.ndarray:
+    """The authors' test-set image score: per category ``0.5 * mm(scores) + 0.5 * mm(raw_topk)``
+    with ``mm(x) = (x - min) / (max - min + 1e-8)``; ``image_only``: ``mm(scores)`` alone.
+
+    Args:
+        scores: ``(N,)`` the method's own scores.
+        raw_topk: ``(N,)`` mean of the :func:`official_topk` largest values of each raw map.
+
+    >>> official_scores(np.array([0.2, 0.4]), np.array([1.0, 0.0]), ["a", "a"]).round(6).tolist()
+    [0.5, 0.5]
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    local = np.asarray(raw_topk, dtype=np.float64)
+    names = np.asarray(cls_names)
+    out = np.empty_like(scores)
+
+    def mm(x):
+        return (x - x.min()) / (x.max() - x.min() + MINMAX_EPS)
+
+    for c in np.unique(names):
+        rows = names == c
+        out[rows] = mm(scores[rows]) if image_only else (
+            FUSION_WEIGHT * mm(scores[rows]) + (1 - FUSION_WEIGHT) * mm(local[rows]))
     return out
 
 
@@ -145,6 +189,7 @@ class PredictionSet:
     cls_names: list[str]
     paths: list[str]
     has_mask: bool = True
+    raw_topk: np.ndarray | None = None  # (N,) top-k mean of the raw maps, k per official_topk
 
 
 def predict_store(method: Method, store: FeatureStore, cfg: EvalConfig | None = None, *,
@@ -160,7 +205,7 @@ def predict_store(method: Method, store: FeatureStore, cfg: EvalConfig | None = 
           if cfg.mc_samples is not None and getattr(method, "takes_n_samples", False) else {})
     gen = torch.Generator().manual_seed(cfg.seed)
     sigma = scaled_sigma(cfg.sigma, store.image_size)
-    maps, scores, masks, labels, names, paths = [], [], [], [], [], []
+    maps, scores, masks, labels, names, paths, raw_topk = [], [], [], [], [], [], []
     bar = tqdm(total=len(store), desc=desc, unit="img", disable=not progress_enabled(progress))
     needs_images = bool(getattr(method, "needs_images", False))
     with torch.no_grad():
@@ -170,6 +215,9 @@ def predict_store(method: Method, store: FeatureStore, cfg: EvalConfig | None = 
                 raise ValueError(f"{method.name}.predict gave maps {tuple(pred.maps.shape)} for "
                                  f"masks {tuple(batch.masks.shape)}: maps must be (N, S, S) at "
                                  "the input size")
+            raw = pred.maps.detach().float().cpu().numpy().reshape(len(batch), -1)
+            raw_topk += [topk_mean(raw[i:i + 1], official_topk(c))[0]
+                         for i, c in enumerate(batch.cls_names)]
             maps.append(smooth_maps(pred.maps, sigma))
             scores.append(pred.scores.detach().cpu().numpy())
             masks.append(batch.masks.to(torch.uint8).numpy())
@@ -181,14 +229,17 @@ def predict_store(method: Method, store: FeatureStore, cfg: EvalConfig | None = 
     return PredictionSet(
         maps=np.concatenate(maps), scores=np.concatenate(scores).astype(np.float64),
         masks=np.concatenate(masks), labels=np.concatenate(labels), cls_names=names,
-        paths=paths, has_mask=store.has_mask,
+        paths=paths, has_mask=store.has_mask, raw_topk=np.asarray(raw_topk, dtype=np.float64),
     )
 
 
-def image_scores(pred: PredictionSet, cfg: EvalConfig) -> np.ndarray:
-    """The image score per ``cfg.image_score`` (module docstring)."""
+def image_scores(pred: PredictionSet, cfg: EvalConfig, name: str = "") -> np.ndarray:
+    """The image score per ``cfg.image_score`` (module docstring); ``name``: the dataset."""
     if cfg.image_score == "per_image":
         return pred.scores
+    if cfg.image_score == "official":
+        image_only = not pred.has_mask or name.lower() in IMAGE_ONLY_DATASETS
+        return official_scores(pred.scores, pred.raw_topk, pred.cls_names, image_only)
     if cfg.image_score == "official_minmax":
         k = scaled_topk(cfg.topk, pred.maps.shape[-1])
         return official_minmax_scores(pred.scores, pred.maps, pred.cls_names, k)
@@ -227,7 +278,7 @@ def evaluate(method: Method, store: FeatureStore, cfg: EvalConfig | None = None,
     """
     cfg = cfg or EvalConfig()
     pred = predict_store(method, store, cfg, progress=progress, desc=f"{name}")
-    scores = image_scores(pred, cfg)
+    scores = image_scores(pred, cfg, name)
     records = [
         {"cls_name": c, "score": float(s), "label": int(y), "anomaly_map": m, "mask": k,
          "path": p}

@@ -8,7 +8,7 @@ import torch
 from scipy import ndimage
 
 REFERENCE_SIZE = 518  # the paper's input side: sigma and top-k are given at this size
-IMAGE_SCORES = ("per_image", "official_minmax")
+IMAGE_SCORES = ("per_image", "official_minmax", "official")
 
 
 def scaled_sigma(sigma: float, image_size: int) -> float:

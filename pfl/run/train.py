@@ -59,6 +59,7 @@ from tqdm.auto import tqdm
 from pfl.clip.backbone import load_backbone
 from pfl.config import EvalConfig, Profile, TrainConfig
 from pfl.method.contract import Method
+from pfl.method.official import SELECTION_CLASSES
 from pfl.run.checkpoints import (
     CHECKPOINT,
     CONFIG,
@@ -229,6 +230,16 @@ def holdout_split(classes: Sequence[str], k: int, seed: int) -> list[str]:
                          f"{len(classes)} auxiliary categories, got {k}")
     rng = np.random.default_rng(seed)
     return sorted(rng.choice(classes, size=k, replace=False).tolist())
+
+
+def official_selection_classes(classes: Sequence[str]) -> list[str]:
+    """The authors' selection categories of the target (MVTec-AD: bottle, hazelnut, wood,
+    zipper, leather; VisA: chewinggum, cashew, pipe_fryum, capsules, candle) when the target
+    has them all, else its first 5 (sorted)."""
+    for names in SELECTION_CLASSES.values():
+        if set(names) <= set(classes):
+            return list(names)
+    return sorted(classes)[:OFFICIAL_TARGET_CLASSES]
 
 
 def store_loss(method: Method, store: FeatureStore, batch_size: int,
@@ -474,7 +485,7 @@ def fit(
         if target is None:
             raise ValueError("selection='official_target' needs target=<target FeatureStore> "
                              "(it reads target categories: the authors' leaky selection)")
-        select_store = target.subset(classes=target.classes[:OFFICIAL_TARGET_CLASSES])
+        select_store = target.subset(classes=official_selection_classes(target.classes))
         select_prefix = "select"
 
     n_steps = steps_per_epoch(len(train), cfg)
@@ -530,23 +541,57 @@ def fit(
             row |= _epoch_metrics(method, select_store, eval_cfg, select_prefix)
         history.epochs.append(_monitor_row(method, monitor, cfg, eval_cfg, epoch + 1, row))
 
+        stop = False
         if select_store is not None:
             value = _selection_value(row, select_prefix, cfg.selection_metric)
             if value > state.best_value or history.best_epoch is None:
                 state.best_value, history.best_epoch = value, epoch + 1
                 state.best_state = _state_tensors(method)
+            # The authors' early stopping: `patience` epochs without a better value.
+            stop = cfg.patience is not None and epoch + 1 - history.best_epoch >= cfg.patience
         else:
             history.best_epoch = epoch + 1
         state.epoch = epoch + 1
         save_resume_point(out_dir, method, opt, sched, state)
         for callback in callbacks:
             callback(history, row)
+        if stop:
+            break
 
     if state.best_state is not None:
         method.load_trainable_state_dict(state.best_state)
+    if cfg.second_stage_epochs and callable(getattr(method, "begin_second_stage", None)):
+        second_stage(method, train, cfg, history, show)
     publish_outputs(out_dir, method, history)
     set_mode(method, False)
     return history
+
+
+def second_stage(method: Method, train: FeatureStore, cfg: TrainConfig, history: History,
+                 show: bool = False) -> None:
+    """The authors' second stage (``ModelConfig.second_stage``): after the first stage, train
+    only ``phi`` and the second-stage head on the CE loss for ``cfg.second_stage_epochs``
+    epochs (Adam at ``cfg.lr``; the last epoch is kept). Steps are logged with ``stage = 2``.
+    Not resumable: an interrupted second stage restarts from the first stage's checkpoint.
+    """
+    params = method.begin_second_stage()
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    n_steps = steps_per_epoch(len(train), cfg)
+    for epoch in range(cfg.epochs, cfg.epochs + cfg.second_stage_epochs):
+        set_mode(method, True)
+        batches = train.batches(cfg.batch_size, shuffle=True,
+                                generator=_generator(cfg.seed, epoch, 0))
+        step_gen = _generator(cfg.seed, epoch, 1)
+        for i, batch in tqdm(zip(range(n_steps), batches), total=n_steps, disable=not show,
+                             desc=f"second stage {epoch + 1 - cfg.epochs}"):
+            loss = method.training_step(batch, step_gen)
+            opt.zero_grad(set_to_none=True)
+            loss.total.backward()
+            opt.step()
+            history.steps.append({"epoch": epoch + 1, "step": epoch * n_steps + i + 1,
+                                  "stage": 2, "total": float(loss.total.detach()),
+                                  **loss.terms})
+    set_mode(method, False)
 
 
 def train_profile(profile: Profile, out_dir: str | Path, *, method: str = "bayes-pfl",
