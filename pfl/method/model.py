@@ -60,7 +60,7 @@ from torch import Tensor, nn
 
 from pfl.clip.backbone import Backbone, ImageFeatures
 from pfl.config import ModelConfig, TrainConfig
-from pfl.method.contract import Batch, Prediction, StepLoss
+from pfl.method.contract import Batch, Prediction, Shard, StepLoss
 from pfl.method.flows import GaussianEncoder, PromptFlow
 from pfl.method.losses import LossTerms, bayes_pfl_loss
 from pfl.method.prompts import PromptBank, build_skeleton
@@ -315,17 +315,18 @@ class BayesPFL(nn.Module):
                for s in seeds]
         return torch.stack(eps, dim=2).to(device=device, dtype=dtype)  # (3, R, N, D)
 
-    def _iad_noise(self, eps: Tensor) -> Tensor:
-        """IAD noise ``(2, R, N or 1, D)`` per ``share_iad_samples`` (see module docstring)."""
+    def _iad_noise(self, eps: Tensor, first: Tensor | None = None) -> Tensor:
+        """IAD noise ``(2, R, N or 1, D)`` per ``share_iad_samples`` (see module docstring);
+        ``first``: the shared ``(2, R, 1, D)`` noise when it is not the first image's."""
         if not self.cfg.share_iad_samples:
             return eps[1:]
-        first = eps[1:, :, :1]
+        first = eps[1:, :, :1] if first is None else first
         if self.training:
             return first
         cached = self._shared_iad_eps
         if cached is None or cached.shape != first.shape:
             self._shared_iad_eps = cached = first.detach().clone()
-        return cached.to(first.device)
+        return cached.to(first.device, first.dtype)
 
     def sample_prompts(self, global_feature: Tensor, eps: Tensor, iad_eps: Tensor
                        ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
@@ -370,7 +371,8 @@ class BayesPFL(nn.Module):
                          generator: torch.Generator | None = None,
                          seeds: Sequence[int] | Tensor | None = None,
                          bank_index: int | None = None,
-                         n_samples: int | None = None) -> BayesPFLOutput:
+                         n_samples: int | None = None,
+                         iad_seed: int | None = None) -> BayesPFLOutput:
         """The model on precomputed image features (:meth:`Backbone.encode_image`).
 
         Args:
@@ -382,6 +384,8 @@ class BayesPFL(nn.Module):
             bank_index: training: the bank prompt b of this step (None: drawn from
                 ``generator``); inference: None uses all B, an int restricts to that one.
             n_samples: R (default ``mc_train`` in training, ``mc_test`` at inference).
+            iad_seed: training with ``share_iad_samples``: the seed whose IAD noise the batch
+                shares (default the first image's; a DDP shard passes the global batch's).
         """
         g, patches = feats.global_.float(), feats.patches.float()
         n = g.shape[0]
@@ -396,7 +400,9 @@ class BayesPFL(nn.Module):
         banks = torch.arange(B) if bank_index is None else torch.tensor([bank_index])
 
         eps = self._noise(self.image_seeds(n, seeds, generator), R, g.device, g.dtype)
-        isd, iad, flow_losses = self.sample_prompts(g, eps[0], self._iad_noise(eps))
+        first = (self._noise([int(iad_seed)], R, g.device, g.dtype)[1:]
+                 if iad_seed is not None and self.training else None)
+        isd, iad, flow_losses = self.sample_prompts(g, eps[0], self._iad_noise(eps, first))
         text = self.encode_prompts(class_names, isd, iad)  # (N, B, R, 2, E)
         pairs = text[:, banks.to(text.device)].reshape(n, -1, 2, text.shape[-1])  # (N, M, 2, E)
         M = pairs.shape[1]
@@ -467,12 +473,31 @@ class BayesPFL(nn.Module):
         dev = self.tau_pix.device
         return ImageFeatures(global_=feats.global_.to(dev), patches=feats.patches.to(dev))
 
-    def training_step(self, batch: Batch, generator: torch.Generator) -> StepLoss:
-        """One training batch: bank index and per-image seeds from ``generator``; every term."""
+    def training_step(self, batch: Batch, generator: torch.Generator,
+                      shard: Shard | None = None) -> StepLoss:
+        """One training batch: bank index and per-image seeds from ``generator``; every term.
+
+        ``shard`` (DDP, :mod:`pfl.run.distributed`): ``batch`` holds rows ``start:stop`` of a
+        global batch of ``total`` images. The bank index and all ``total`` seeds are drawn as
+        one process draws them and the batch keeps its rows' seeds (and, with
+        ``share_iad_samples``, the global first image's IAD noise), so every image gets the
+        noise it gets in one process. Every term is a mean over images, so the loss is the
+        mean over this shard; an empty shard gives a zero that reaches every parameter.
+        """
+        seeds = bank = iad_seed = None
+        if shard is not None:
+            if shard.stop - shard.start != len(batch):
+                raise ValueError(f"shard {shard} does not match a batch of {len(batch)} images")
+            bank = int(torch.randint(self.cfg.n_prompts, (1,), generator=generator))
+            drawn = self.image_seeds(shard.total, None, generator)
+            seeds, iad_seed = drawn[shard.start:shard.stop], drawn[0]
+            if not len(batch):
+                return StepLoss(sum(p.sum() for p in self.trainable_parameters()) * 0.0, {})
         if batch.masks is None or batch.labels is None:
             raise ValueError("training_step needs a Batch with masks and labels")
         out = self.forward_features(self._batch_features(batch), batch.cls_names,
-                                    generator=generator)
+                                    generator=generator, seeds=seeds, bank_index=bank,
+                                    iad_seed=iad_seed)
         dev = out.layer_maps.device
         terms = self.loss(out, batch.masks.to(dev), batch.labels.to(dev), self.train_cfg)
         return StepLoss(terms.total, terms.as_dict())
@@ -488,6 +513,17 @@ class BayesPFL(nn.Module):
             yield self
         finally:
             self.cfg = saved
+
+    def skip_predict(self, n_images: int, generator: torch.Generator) -> None:
+        """Advance ``generator`` (and the ``share_iad_samples`` noise) as :meth:`predict` on
+        ``n_images`` images would, without predicting: a rank of a sharded evaluation starts
+        where one process would be (:func:`pfl.run.distributed.prediction_block`)."""
+        seeds = self.image_seeds(n_images, None, generator)
+        if seeds and self.cfg.share_iad_samples and not self.training:
+            # Kept in the dtype randn drew it in; _iad_noise casts it to the features' dtype.
+            dev = self.tau_pix.device
+            self._iad_noise(self._noise(seeds[:1], self.cfg.mc_test, dev,
+                                        torch.get_default_dtype()))
 
     def predict(self, batch: Batch, generator: torch.Generator) -> Prediction:
         """Anomaly maps ``(N, S, S)`` and global scores ``(N,)`` (no gradients).

@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 from pfl.clip.backbone import load_backbone
 from pfl.config import EvalConfig, Profile, TrainConfig
 from pfl.method.contract import Method
+from pfl.run import distributed
 from pfl.run.checkpoints import (
     CHECKPOINT,
     CONFIG,
@@ -239,6 +240,12 @@ def _selection_value(row: Mapping, prefix: str, metric: str) -> float:
 # --------------------------------------------------------------------------- fit
 
 
+def _callbacks(callbacks: Iterable[Callable[[History, dict], None]], history: History,
+               row: dict) -> None:
+    for callback in callbacks:
+        callback(history, row)
+
+
 def _run_config(method: Method, cfg: TrainConfig, profile: Profile | None) -> dict:
     model_cfg = getattr(method, "cfg", None)
     return {
@@ -333,14 +340,15 @@ def fit(
             sched.load_state_dict(state["scheduler"])
         history = History.from_dict(json.loads(state["history"]))
         best_value, start_epoch = float(state["best_value"]), int(state["epoch"])
-    else:
+    elif distributed.is_main():  # under torchrun rank 0 alone writes
         # A fresh start: remove what an older run left, so it can never be resumed into this one.
         shutil.rmtree(resume_dir, ignore_errors=True)
         (out_dir / "best.safetensors").unlink(missing_ok=True)
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out_dir / CONFIG, run_cfg)
 
-    show = progress_enabled(progress)
+    show = progress_enabled(progress) and distributed.is_main()
+    stepper = distributed.Stepper(method)  # DDP under torchrun, else the plain step
     needs_images = _needs_images(method)
     if monitor and monitor_initial and start_epoch == 0 and not history.epochs:
         history.epochs.append(_monitor_row(method, monitor, cfg, eval_cfg, epoch=0,
@@ -351,12 +359,9 @@ def fit(
         step_gen = _generator(cfg.seed, epoch, 1)
         totals = []
         bar = tqdm(total=n_steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not show)
-        batches = train.batches(cfg.batch_size, shuffle=True, generator=order,
-                                with_images=needs_images)
-        for i, batch in zip(range(n_steps), batches):
+        steps = stepper.steps(train, cfg.batch_size, order, step_gen, needs_images)
+        for i, (batch, total, terms) in zip(range(n_steps), steps):
             step = epoch * n_steps + i + 1
-            loss = method.training_step(batch, step_gen)
-            terms = {"total": float(loss.total.detach()), **loss.terms}
             bad = [k for k, v in terms.items() if not math.isfinite(v)]
             if bad:
                 raise NonFiniteLossError(
@@ -367,7 +372,7 @@ def fit(
                     f"{batch.paths[:3]}"
                 )
             opt.zero_grad(set_to_none=True)
-            loss.total.backward()
+            stepper.backward(total)
             opt.step()
             lr = opt.param_groups[0]["lr"]
             if sched is not None:
@@ -387,11 +392,15 @@ def fit(
             value = _selection_value(row, select_prefix, cfg.selection_metric)
             if value > best_value or history.best_epoch is None:
                 best_value, history.best_epoch = value, epoch + 1
-                _write_state(out_dir / "best.safetensors", method)
+                if distributed.is_main():
+                    _write_state(out_dir / "best.safetensors", method)
         else:
             history.best_epoch = epoch + 1
 
         # The resume point: trainable state, optimiser, schedule, history, best so far.
+        if not distributed.is_main():  # the same state on every rank; rank 0 writes it
+            _callbacks(callbacks, history, row)
+            continue
         resume_dir.mkdir(parents=True, exist_ok=True)
         _write_state(resume_dir / "trainable.safetensors", method)
         state = {"optimizer": opt.state_dict(), "epoch": epoch + 1, "best_value": best_value,
@@ -399,13 +408,14 @@ def fit(
                  "history": json.dumps(history.to_dict())}
         atomic_write(resume_dir / "state.pt", lambda p, s=state: torch.save(s, p))
         history.save(out_dir)
-        for callback in callbacks:
-            callback(history, row)
+        _callbacks(callbacks, history, row)
 
+    distributed.barrier()  # rank 0 has written best.safetensors
     if select_store is not None and (out_dir / "best.safetensors").is_file():
         method.load_trainable_state_dict(load_file(str(out_dir / "best.safetensors")))
-    _write_state(out_dir / CHECKPOINT, method)
-    history.save(out_dir)
+    if distributed.is_main():
+        _write_state(out_dir / CHECKPOINT, method)
+        history.save(out_dir)
     set_mode(method, False)
     return history
 
