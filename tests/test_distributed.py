@@ -142,21 +142,38 @@ def _job(out: Path) -> None:
         evaluate_all(method, {"target": store}, EVAL, out_dir=out / name, progress=False)
 
 
+def _die_after_first_epoch(history, row):
+    if distributed.rank() == 1:
+        os._exit(3)  # a killed rank: no clean-up, no message
+
+
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      **{distributed.TIMEOUT_ENV: "120"})
+                      **{distributed.TIMEOUT_ENV: "60"})
     torch.set_num_threads(1)
+    out = Path(out)
     with distributed.session("gloo"):
         assert distributed.world_size() == world
-        _job(Path(out))
+        _job(out)
+        # Rank 1 dies after epoch 1 of 2: rank 0 must stop with a message, not hang.
+        backbone = _backbone()
+        model = BayesPFL(backbone, MODEL, seed=0, train_cfg=TRAIN)
+        try:
+            fit(model, _store(backbone, 8, seed=3), dataclasses.replace(TRAIN, epochs=2),
+                out / "killed", progress=False, callbacks=[_die_after_first_epoch])
+        except distributed.DistributedError as e:
+            (out / "message.txt").write_text(str(e))
 
 
 @pytest.mark.slow
 def test_two_gloo_processes_equal_one(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     _job(one)
-    mp.spawn(_worker, args=(2, _free_port(), str(two)), nprocs=2, join=True)
+    ctx = mp.spawn(_worker, args=(2, _free_port(), str(two)), nprocs=2, join=False)
+    for p in ctx.processes:  # not ctx.join(): it would end rank 0 as soon as rank 1 dies
+        p.join(timeout=600)
+    assert [p.exitcode for p in ctx.processes] == [0, 3]
 
     # Evaluation: every table, CSV and figure CSV byte for byte.
     files = sorted(p.relative_to(one) for p in one.rglob("*")
@@ -174,3 +191,18 @@ def test_two_gloo_processes_equal_one(tmp_path):
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
         moved = max(moved, float((a[k].float() - init[k].float()).abs().max()))
     assert moved > 1e-4  # the steps did change the parameters
+
+    # The killed run: a clear message on rank 0, and it resumes (here in one process) from
+    # epoch 1 to the end of an uninterrupted run.
+    message = (two / "message.txt").read_text()
+    assert "rank 0/2" in message and "resume" in message
+    backbone = _backbone()
+    cfg = dataclasses.replace(TRAIN, epochs=2)
+    resumed = BayesPFL(backbone, MODEL, seed=0, train_cfg=TRAIN)
+    history = fit(resumed, _store(backbone, 8, seed=3), cfg, two / "killed", progress=False)
+    assert [r["epoch"] for r in history.epochs] == [1, 2]
+    whole = BayesPFL(backbone, MODEL, seed=0, train_cfg=TRAIN)
+    fit(whole, _store(backbone, 8, seed=3), cfg, one / "whole", progress=False)
+    for k, v in whole.trainable_state_dict().items():
+        torch.testing.assert_close(resumed.trainable_state_dict()[k], v, rtol=0, atol=1e-6,
+                                   msg=k)
