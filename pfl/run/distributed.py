@@ -311,9 +311,8 @@ class Stepper:
             batch = next(iter(part.batches(max(1, len(mine)), with_images=with_images)),
                          None) if len(mine) else Batch(cls_names=[])
             shard = Shard(mine.start, mine.stop, len(idx)) if shardable else None
-            with guard("training step"):
-                total, terms = self.ddp(batch, step_gen, shard)
-                shares = all_gather((len(mine), {"total": float(total.detach()), **terms}))
+            total, terms = self.ddp(batch, step_gen, shard)
+            shares = all_gather((len(mine), {"total": float(total.detach()), **terms}))
             scaled = total * (len(mine) * world / len(idx))
             yield batch, scaled, _weighted_terms(shares, len(idx))
 
