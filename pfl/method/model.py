@@ -401,7 +401,8 @@ class BayesPFL(nn.Module):
 
         eps = self._noise(self.image_seeds(n, seeds, generator), R, g.device, g.dtype)
         first = (self._noise([int(iad_seed)], R, g.device, g.dtype)[1:]
-                 if iad_seed is not None and self.training else None)
+                 if iad_seed is not None and self.training and self.cfg.share_iad_samples
+                 else None)
         isd, iad, flow_losses = self.sample_prompts(g, eps[0], self._iad_noise(eps, first))
         text = self.encode_prompts(class_names, isd, iad)  # (N, B, R, 2, E)
         pairs = text[:, banks.to(text.device)].reshape(n, -1, 2, text.shape[-1])  # (N, M, 2, E)
