@@ -18,9 +18,11 @@ Promise: N processes give the numbers of one process.
   whole global batch and keeps its rows (``training_step(..., shard=Shard)``), so each image
   gets the noise it gets in one process. Every loss term of Bayes-PFL is a mean over the
   images of the batch (focal, dice, CE, flow, L_ort; with ``share_iad_samples`` the shared
-  IAD term is the same on every rank); so the rank's loss is scaled by ``n_rank * N / n``
-  and DDP's gradient average is the global-batch gradient. Equal up to the order of the
-  float sums (tests/test_distributed.py: parameters after one Adam step within 1e-6).
+  IAD term is the same on every rank); so the rank's loss is scaled by ``W * n_rank / n``
+  (W processes, n images in the global batch, n_rank of them here) and DDP's gradient
+  average, ``sum_rank n_rank / n * grad_rank``, is the global-batch gradient. Equal up to
+  the order of the float sums (tests/test_distributed.py: parameters after one Adam step
+  within 1e-6).
   A method without ``shard`` support gets its plain slice of the batch: equal only when its
   loss is a mean over images and it draws nothing per image (a warning says so).
 
@@ -308,8 +310,8 @@ class Stepper:
             idx = perm[start:start + batch_size].tolist()
             mine = block(len(idx))
             part = store.select([idx[i] for i in mine])
-            batch = next(iter(part.batches(max(1, len(mine)), with_images=with_images)),
-                         None) if len(mine) else Batch(cls_names=[])
+            batch = (next(iter(part.batches(len(mine), with_images=with_images)))
+                     if len(mine) else Batch(cls_names=[]))
             shard = Shard(mine.start, mine.stop, len(idx)) if shardable else None
             total, terms = self.ddp(batch, step_gen, shard)
             shares = all_gather((len(mine), {"total": float(total.detach()), **terms}))
