@@ -162,6 +162,7 @@ def _add_train(sub) -> None:
 
 def _run_train(args) -> int:
     from pfl.config import active
+    from pfl.run import distributed
     from pfl.run.train import train_profile
 
     profile = active()
@@ -169,11 +170,14 @@ def _run_train(args) -> int:
     if changes:
         profile = profile.replace(train=changes)
     try:
-        _, history = train_profile(profile, args.out, method=args.method,
-                                   progress=args.progress)
-    except (FileNotFoundError, ValueError) as e:
+        with distributed.session():  # torchrun: DDP over its processes; else one process
+            _, history = train_profile(profile, args.out, method=args.method,
+                                       progress=args.progress)
+    except (FileNotFoundError, ValueError, distributed.DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not distributed.is_main_env():
+        return 0
     loss = history.epochs[-1]["train_loss"] if history.epochs else float("nan")
     print(f"trained {args.method} on {profile.data.aux} ({profile.name} profile), "
           f"{len(history.epochs)} epochs, last train loss {loss:.4f}")
@@ -198,16 +202,20 @@ def _add_evaluate(sub) -> None:
 
 
 def _run_evaluate(args) -> int:
+    from pfl.run import distributed
     from pfl.run.evaluate import evaluate_run, summary_frame
 
     out = args.out or f"{args.checkpoint}/eval"
     try:
-        results, _ = evaluate_run(args.checkpoint, out, datasets=args.datasets,
-                                  progress=args.progress, mc_samples=args.mc_samples,
-                                  image_score=args.image_score)
-    except (FileNotFoundError, ValueError) as e:
+        with distributed.session():  # torchrun: the images are shared out; rank 0 writes
+            results, _ = evaluate_run(args.checkpoint, out, datasets=args.datasets,
+                                      progress=args.progress, mc_samples=args.mc_samples,
+                                      image_score=args.image_score)
+    except (FileNotFoundError, ValueError, distributed.DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not distributed.is_main_env():
+        return 0
     print((100 * summary_frame(results)).round(1).to_string())
     print(f"tables: {out}/tables, figures: {out}/figures, all values: {out}/results.csv")
     return 0

@@ -402,6 +402,12 @@ class AdaCLIP(nn.Module):
         terms = {"cls": cls, "focal": focal, "dice": dice, "total": total}
         return StepLoss(total, {k: float(v.detach()) for k, v in terms.items()})
 
+    def skip_predict(self, n_images: int, generator: torch.Generator) -> None:
+        """Advance ``generator`` as :meth:`predict` on one batch would (its k-means seed), so a
+        rank of a sharded evaluation starts where one process would be."""
+        if self.cfg.hsf != "none":
+            torch.randint(0, 2**31 - 1, (1,), generator=generator)
+
     def predict(self, batch: Batch, generator: torch.Generator) -> Prediction:
         with torch.no_grad():
             tokens, g, text = self.encode(batch)

@@ -43,6 +43,18 @@ class Batch:
         return len(self.cls_names)
 
 
+@dataclass(frozen=True)
+class Shard:
+    """This process's rows ``start:stop`` of a global training batch of ``total`` images
+    (DDP, :mod:`pfl.run.distributed`): a method that takes ``training_step(..., shard=)``
+    draws its randomness for all ``total`` images, as one process would, and keeps these
+    rows; its loss is the mean over its own rows."""
+
+    start: int
+    stop: int
+    total: int
+
+
 @dataclass
 class Prediction:
     """maps: (N, S, S) abnormal probability at the input resolution, before smoothing;
@@ -67,6 +79,9 @@ class Method(Protocol):
     A method that draws Monte Carlo samples (Bayes-PFL) sets ``takes_n_samples = True`` and
     accepts ``predict(batch, generator, n_samples=R)``; the evaluation then passes
     ``EvalConfig.mc_samples`` to it.
+    Two optional hooks let :mod:`pfl.run.distributed` split work over processes with the
+    numbers of one process: ``training_step(batch, generator, shard=Shard)`` and
+    ``skip_predict(n_images, generator)`` (advance the generator as ``predict`` would).
     """
 
     name: str

@@ -66,13 +66,13 @@ from torch import Tensor, nn
 
 from pfl.clip.backbone import Backbone, ImageFeatures
 from pfl.config import ModelConfig, TrainConfig
-from pfl.method.contract import Batch, Prediction, StepLoss
+from pfl.method.contract import Batch, Prediction, Shard, StepLoss
 from pfl.method.flows import GaussianEncoder, PromptFlow
 from pfl.method.losses import LossTerms, bayes_pfl_loss
 from pfl.method.official import SecondStageHead, official_init
 from pfl.method.prompts import PromptBank, PromptTemplates
 from pfl.method.rca import RCA, LayerProjections
-from pfl.method.sampling import PromptNoise, prompt_noise
+from pfl.method.sampling import PromptNoise, draw_seeds, prompt_noise
 from pfl.utils import generator_for
 
 TAU_INIT = math.log(1 / 0.07)  # REFERENCE.md "Maps, scores, losses": tau init log(1/0.07)
@@ -457,17 +457,36 @@ class BayesPFL(nn.Module):
     def _batch_features(self, batch: Batch) -> ImageFeatures:
         return batch.features(self.backbone).to(self.tau_pix.device)
 
-    def training_step(self, batch: Batch, generator: torch.Generator) -> StepLoss:
-        """One training batch: bank index and the step's seed from ``generator``; every term."""
+    def training_step(self, batch: Batch, generator: torch.Generator,
+                      shard: Shard | None = None) -> StepLoss:
+        """One training batch: bank index and the step's seed from ``generator``; every term.
+
+        ``shard`` (DDP, :mod:`pfl.run.distributed`): ``batch`` holds rows ``start:stop`` of a
+        global batch of ``total`` images. Every rank draws the step's bank index and seed from
+        the same generator, as one process does, and each image's noise comes from that seed
+        and the image's content (:mod:`pfl.method.sampling`), so every image gets the noise it
+        gets in one process. Every term is a mean over images, so the loss is the mean over
+        this shard; an empty shard draws the same and gives a zero that reaches every parameter.
+        """
+        if shard is not None and shard.stop - shard.start != len(batch):
+            raise ValueError(f"shard {shard} does not match a batch of {len(batch)} images")
+        bank = int(torch.randint(self.cfg.n_prompts, (1,), generator=generator))
+        seed = draw_seeds(1, generator)[0]
+        if not len(batch):
+            return StepLoss(sum(p.sum() for p in self.trainable_parameters()) * 0.0, {})
         if batch.masks is None or batch.labels is None:
             raise ValueError("training_step needs a Batch with masks and labels")
         out = self.forward_features(self._batch_features(batch), batch.cls_names,
-                                    generator=generator)
+                                    seed=seed, bank_index=bank)
         dev = out.layer_maps.device
         terms = self.loss(out, batch.masks.to(dev), batch.labels.to(dev), self.train_cfg)
         # The authors' second stage trains on the CE loss alone (the other terms are logged).
         total = terms.cls if self.second_stage_active else terms.total
         return StepLoss(total, terms.as_dict())
+
+    def skip_predict(self, n_images: int, generator: torch.Generator) -> None:
+        """Nothing to skip: :meth:`predict` draws nothing from ``generator`` (it reads its seed
+        only), so a rank of a sharded evaluation starts where one process would be."""
 
     def predict(self, batch: Batch, generator: torch.Generator,
                 n_samples: int | None = None) -> Prediction:

@@ -50,6 +50,7 @@ from pfl.method.official import (
     TOPK_SMALL,
     TOPK_SMALL_CLASSES,
 )
+from pfl.run import distributed
 from pfl.run.checkpoints import load_run
 from pfl.run.features import FeatureStore, profile_store, progress_enabled
 from pfl.run.metrics import METRICS, evaluate_records, image_metrics
@@ -195,7 +196,10 @@ class PredictionSet:
 def predict_store(method: Method, store: FeatureStore, cfg: EvalConfig | None = None, *,
                   progress: bool | None = None, desc: str = "predict") -> PredictionSet:
     """Run ``method.predict`` on every batch of ``store`` (no gradients, one generator seeded
-    with ``cfg.seed``) and blur the maps (:func:`smooth_maps`, sigma scaled to the size)."""
+    with ``cfg.seed``) and blur the maps (:func:`smooth_maps`, sigma scaled to the size).
+
+    Under torchrun each rank predicts one block of batches and every rank gets all of them
+    back, the same arrays as one process (:mod:`pfl.run.distributed`)."""
     cfg = cfg or EvalConfig()
     train_mode = getattr(method, "train", None)
     if callable(train_mode):
@@ -206,10 +210,13 @@ def predict_store(method: Method, store: FeatureStore, cfg: EvalConfig | None = 
     gen = torch.Generator().manual_seed(cfg.seed)
     sigma = scaled_sigma(cfg.sigma, store.image_size)
     maps, scores, masks, labels, names, paths, raw_topk = [], [], [], [], [], [], []
-    bar = tqdm(total=len(store), desc=desc, unit="img", disable=not progress_enabled(progress))
+    state = gen.get_state()
+    part = distributed.prediction_block(method, store, cfg.batch_size, gen)
+    bar = tqdm(total=len(part), desc=desc, unit="img",
+               disable=not (progress_enabled(progress) and distributed.is_main()))
     needs_images = bool(getattr(method, "needs_images", False))
     with torch.no_grad():
-        for batch in store.batches(cfg.batch_size, with_images=needs_images):
+        for batch in part.batches(cfg.batch_size, with_images=needs_images):
             pred = method.predict(batch, gen, **kw)
             if pred.maps.shape != batch.masks.shape:
                 raise ValueError(f"{method.name}.predict gave maps {tuple(pred.maps.shape)} for "
@@ -226,10 +233,30 @@ def predict_store(method: Method, store: FeatureStore, cfg: EvalConfig | None = 
             paths += batch.paths
             bar.update(len(batch))
     bar.close()
-    return PredictionSet(
+    distributed.check_no_draws(method, state, gen)
+    pred = PredictionSet(
         maps=np.concatenate(maps), scores=np.concatenate(scores).astype(np.float64),
         masks=np.concatenate(masks), labels=np.concatenate(labels), cls_names=names,
         paths=paths, has_mask=store.has_mask, raw_topk=np.asarray(raw_topk, dtype=np.float64),
+    ) if names else None
+    pred = distributed.gather(pred, _concat_predictions)
+    if pred is None:
+        raise ValueError(f"predict_store ({desc}): the store has no images")
+    return pred
+
+
+def _concat_predictions(parts: list[PredictionSet]) -> PredictionSet | None:
+    """One :class:`PredictionSet` from consecutive blocks of a store, in order."""
+    if not parts:
+        return None
+    return PredictionSet(
+        maps=np.concatenate([p.maps for p in parts]),
+        scores=np.concatenate([p.scores for p in parts]),
+        masks=np.concatenate([p.masks for p in parts]),
+        labels=np.concatenate([p.labels for p in parts]),
+        cls_names=[c for p in parts for c in p.cls_names],
+        paths=[q for p in parts for q in p.paths], has_mask=parts[0].has_mask,
+        raw_topk=np.concatenate([p.raw_topk for p in parts]),
     )
 
 
@@ -293,7 +320,7 @@ def evaluate(method: Method, store: FeatureStore, cfg: EvalConfig | None = None,
     })
     result = EvalResult(name=name, table=table, samples=samples,
                         predictions=pred if keep_predictions else None)
-    if figures_dir is not None:
+    if figures_dir is not None and distributed.is_main():
         result.figures = qualitative_figures(store, pred, figures_dir, name, figure_prefix)
     return result
 
@@ -366,6 +393,7 @@ def evaluate_all(method: Method, stores: Mapping[str, FeatureStore],
     method_name = method_name or method.name
     evals = {}
     out = Path(out_dir) if out_dir is not None else None
+    out = out if distributed.is_main() else None  # under torchrun rank 0 alone writes
     for name, store in stores.items():
         res = evaluate(method, store, cfg, name=name, progress=progress,
                        figures_dir=(out / "figures") if (out is not None and figures) else None)
@@ -435,6 +463,7 @@ def evaluate_run(checkpoint: str | Path, out_dir: str | Path, *,
     """
 
     method, profile = load_run(checkpoint)
+    distributed.place(method)  # under torchrun with nccl: this rank's GPU
     overrides = {k: v for k, v in eval_overrides.items() if v is not None}
     if overrides:
         profile = replace(profile, eval=replace(profile.eval, **overrides))

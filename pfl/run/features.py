@@ -415,6 +415,10 @@ class StreamingStore:
         rows = select_rows(self.cls_names, self.labels.tolist(), classes, per_class, exclude)
         return StreamingStore(self.backbone, self.dataset, [self.indices[r] for r in rows])
 
+    def select(self, rows: Sequence[int]) -> StreamingStore:
+        """The samples at ``rows`` (as :meth:`FeatureStore.select`)."""
+        return StreamingStore(self.backbone, self.dataset, [self.indices[r] for r in rows])
+
     def batches(self, batch_size: int, *, shuffle: bool = False,
                 generator: torch.Generator | None = None, with_images: bool = False,
                 dtype: torch.dtype | None = None) -> Iterator[Batch]:

@@ -60,6 +60,7 @@ from pfl.clip.backbone import load_backbone
 from pfl.config import EvalConfig, Profile, TrainConfig
 from pfl.method.contract import Method
 from pfl.method.official import SELECTION_CLASSES
+from pfl.run import distributed
 from pfl.run.checkpoints import (
     CHECKPOINT,
     CONFIG,
@@ -408,6 +409,12 @@ def _convert_legacy(out_dir: Path, epochs: int) -> Path:
 # --------------------------------------------------------------------------- fit
 
 
+def _callbacks(callbacks: Iterable[Callable[[History, dict], None]], history: History,
+               row: dict) -> None:
+    for callback in callbacks:
+        callback(history, row)
+
+
 def _run_config(method: Method, cfg: TrainConfig, profile: Profile | None) -> dict:
     model_cfg = getattr(method, "cfg", None)
     return {
@@ -491,14 +498,20 @@ def fit(
     n_steps = steps_per_epoch(len(train), cfg)
     opt, sched = build_optimizer(method, cfg, n_steps * cfg.epochs)
     state = ResumeState(0, history)
-    point = prepare_run(out_dir, _run_config(method, cfg, profile), resume)
+    point = None
+    if distributed.is_main():  # under torchrun rank 0 alone prepares the folder
+        point = prepare_run(out_dir, _run_config(method, cfg, profile), resume)
+    distributed.barrier()
+    if not distributed.is_main() and resume:  # the other ranks read what rank 0 left
+        point = latest_point(out_dir / RESUME)
     if point is not None:
         state = load_resume_point(point, method, opt, sched)
         history = state.history
         history.out_dir = str(out_dir)
     resume_dir = out_dir / RESUME
 
-    show = progress_enabled(progress)
+    show = progress_enabled(progress) and distributed.is_main()
+    stepper = distributed.Stepper(method)  # DDP under torchrun, else the plain step
     needs_images = _needs_images(method)
     if monitor and monitor_initial and state.epoch == 0 and not history.epochs:
         history.epochs.append(_monitor_row(method, monitor, cfg, eval_cfg, epoch=0,
@@ -509,12 +522,9 @@ def fit(
         step_gen = _generator(cfg.seed, epoch, 1)
         totals = []
         bar = tqdm(total=n_steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not show)
-        batches = train.batches(cfg.batch_size, shuffle=True, generator=order,
-                                with_images=needs_images)
-        for i, batch in zip(range(n_steps), batches):
+        steps = stepper.steps(train, cfg.batch_size, order, step_gen, needs_images)
+        for i, (batch, total, terms) in zip(range(n_steps), steps):
             step = epoch * n_steps + i + 1
-            loss = method.training_step(batch, step_gen)
-            terms = {"total": float(loss.total.detach()), **loss.terms}
             bad = [k for k, v in terms.items() if not math.isfinite(v)]
             if bad:
                 raise NonFiniteLossError(
@@ -525,7 +535,7 @@ def fit(
                     f"{batch.paths[:3]}"
                 )
             opt.zero_grad(set_to_none=True)
-            loss.total.backward()
+            stepper.backward(total)
             opt.step()
             lr = opt.param_groups[0]["lr"]
             if sched is not None:
@@ -552,7 +562,8 @@ def fit(
         else:
             history.best_epoch = epoch + 1
         state.epoch = epoch + 1
-        save_resume_point(out_dir, method, opt, sched, state)
+        if distributed.is_main():  # the same state on every rank; rank 0 writes it
+            save_resume_point(out_dir, method, opt, sched, state)
         for callback in callbacks:
             callback(history, row)
         if stop:
@@ -562,7 +573,9 @@ def fit(
         method.load_trainable_state_dict(state.best_state)
     if cfg.second_stage_epochs and callable(getattr(method, "begin_second_stage", None)):
         second_stage(method, train, cfg, history, show)
-    publish_outputs(out_dir, method, history)
+    if distributed.is_main():
+        publish_outputs(out_dir, method, history)
+    distributed.barrier()  # no rank returns before rank 0 has published
     set_mode(method, False)
     return history
 
