@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 
 import torch
@@ -63,6 +63,7 @@ from pfl.config import ModelConfig, TrainConfig
 from pfl.method.contract import Batch, Prediction, StepLoss
 from pfl.method.flows import GaussianEncoder, PromptFlow
 from pfl.method.losses import LossTerms, bayes_pfl_loss
+from pfl.method.maps import fused_maps
 from pfl.method.prompts import PromptBank, build_skeleton
 
 TAU_INIT = math.log(1 / 0.07)  # REFERENCE.md "Maps, scores, losses": tau init log(1/0.07)
@@ -88,6 +89,8 @@ class BayesPFLOutput:
         flow_losses: ``{"isd": (N,), "normal": (N or 1,), "abnormal": (N or 1,)}`` flow losses.
         banks: ``(B',)`` the bank indices the pairs use (one in training).
         n_samples: R.
+        map_std: ``(N, S, S)`` per-pixel standard deviation over the R samples of the
+            per-sample map (:func:`pfl.method.maps.fused_maps`), when asked for, else None.
     """
 
     anomaly_map: Tensor
@@ -99,28 +102,7 @@ class BayesPFLOutput:
     flow_losses: dict[str, Tensor]
     banks: Tensor
     n_samples: int
-
-
-def mean_sigmoid_upsampled(
-    diff: Tensor, size: tuple[int, int], align_corners: bool = False,
-    max_elements: int = 2**21,
-) -> Tensor:
-    """``mean_m sigmoid(up(diff[..., m, :, :]))``: ``(..., M, h, w) -> (..., H, W)``.
-
-    Bilinear upsampling to ``size``. The rows are processed in chunks of at most
-    ``max_elements`` upsampled values (in practice one (image, layer) row of M maps): this
-    bounds memory at 518 px (one image's 4 layers x 30 pairs are 32 M values) and keeps each
-    chunk near the CPU cache, which measured ~3x faster than whole batches on the smoke
-    profile. The chunks change nothing else (tested).
-    """
-    *lead, m, h, w = diff.shape
-    flat = diff.reshape(-1, m, h, w)
-    rows = max(1, max_elements // (m * size[0] * size[1]))
-    parts = [
-        F.interpolate(c, size=size, mode="bilinear", align_corners=align_corners)
-        .sigmoid_().mean(1) for c in flat.split(rows)
-    ]
-    return torch.cat(parts).reshape(*lead, *size)
+    map_std: Tensor | None = None
 
 
 class LayerProjections(nn.Module):
@@ -348,29 +330,35 @@ class BayesPFL(nn.Module):
         ids, eot = ids.to(dev), eot.to(dev)
         tok = self.backbone.token_embedding(ids).to(self.bank.context.dtype)
         seq = self.bank.sequences(tok, isd, iad, start=1)  # (N, B, R, 2, L, D)
-        n, b, r = seq.shape[:3]
-        flat = seq.reshape(-1, *seq.shape[-2:])
-        feats = self.backbone.encode_text_embeddings(flat, eot.repeat_interleave(b * r * 2))
+        n, b, r, _, length, d = seq.shape
+        # Normal and abnormal prompts share [SOS] and the P context tokens (with their ISD
+        # draw): that prefix runs through the text tower once per (image, bank, sample).
+        p0 = 1 + self.cfg.n_ctx
+        prefix = seq[:, :, :, 0, :p0].reshape(-1, p0, d)
+        suffix = seq[..., p0:, :].reshape(-1, 2, length - p0, d)
+        eot = eot.repeat_interleave(b * r)
+        feats = self.backbone.encode_text_shared_prefix(prefix, suffix, eot)
         return feats.to(tok.dtype).view(n, b, r, 2, -1)
 
     # --- forward -----------------------------------------------------------------------------
     def forward(self, images: Tensor, class_names: Sequence[str], *,
                 generator: torch.Generator | None = None,
                 seeds: Sequence[int] | Tensor | None = None,
-                bank_index: int | None = None, n_samples: int | None = None) -> BayesPFLOutput:
+                bank_index: int | None = None, n_samples: int | None = None,
+                map_std: bool = False) -> BayesPFLOutput:
         """``images (N, 3, S, S)`` (CLIP-normalised) and their class names -> outputs.
 
         See :meth:`forward_features` for the other arguments.
         """
         return self.forward_features(self.backbone.encode_image(images), class_names,
                                      generator=generator, seeds=seeds, bank_index=bank_index,
-                                     n_samples=n_samples)
+                                     n_samples=n_samples, map_std=map_std)
 
     def forward_features(self, feats: ImageFeatures, class_names: Sequence[str], *,
                          generator: torch.Generator | None = None,
                          seeds: Sequence[int] | Tensor | None = None,
                          bank_index: int | None = None,
-                         n_samples: int | None = None) -> BayesPFLOutput:
+                         n_samples: int | None = None, map_std: bool = False) -> BayesPFLOutput:
         """The model on precomputed image features (:meth:`Backbone.encode_image`).
 
         Args:
@@ -382,8 +370,14 @@ class BayesPFL(nn.Module):
             bank_index: training: the bank prompt b of this step (None: drawn from
                 ``generator``); inference: None uses all B, an int restricts to that one.
             n_samples: R (default ``mc_train`` in training, ``mc_test`` at inference).
+            map_std: also give ``map_std``, the per-pixel spread over the R samples (from the
+                same fused pass as the maps; costs ~30 % of the map step on a CPU).
+
+        The head computes in its parameters' dtype whatever the features' (e.g. half
+        precision features under ``torch.autocast``, see :meth:`predict`).
         """
-        g, patches = feats.global_.float(), feats.patches.float()
+        dtype = self.tau_pix.dtype
+        g, patches = feats.global_.to(dtype), feats.patches.to(dtype)
         n = g.shape[0]
         if len(class_names) != n:
             raise ValueError(f"got {len(class_names)} class names for {n} images")
@@ -406,9 +400,10 @@ class BayesPFL(nn.Module):
         refined = self.rca(pairs.reshape(n, 2 * M, -1), fs).view(n, fs.shape[1], M, 2, -1)
         diff = torch.einsum("nlte,nlme->nlmt", fs, refined[..., 1, :] - refined[..., 0, :])
         gh, gw = self.backbone.grid
-        diff = (self.tau_pix.exp() * diff).reshape(n, fs.shape[1], M, gh, gw)
+        diff = (self.tau_pix.exp() * diff.to(dtype)).reshape(n, fs.shape[1], M, gh, gw)
         S = self.backbone.image_size
-        layer_maps = mean_sigmoid_upsampled(diff, (S, S), self.cfg.official_compat)
+        maps = fused_maps(diff, (S, S), self.cfg.official_compat, n_samples=R if map_std else None)
+        layer_maps = maps.layer_maps
 
         # Global logits through phi (REFERENCE.md "Maps, scores, losses").
         t_img = F.normalize(self.phi(pairs), dim=-1)
@@ -417,7 +412,7 @@ class BayesPFL(nn.Module):
         return BayesPFLOutput(
             anomaly_map=layer_maps.mean(1), layer_maps=layer_maps, pixel_logits=diff,
             global_logits=glob, score=score, text_features=text, flow_losses=flow_losses,
-            banks=banks, n_samples=R,
+            banks=banks, n_samples=R, map_std=maps.sample_std,
         )
 
     # --- loss --------------------------------------------------------------------------------
@@ -489,13 +484,35 @@ class BayesPFL(nn.Module):
         finally:
             self.cfg = saved
 
-    def predict(self, batch: Batch, generator: torch.Generator) -> Prediction:
+    def predict(self, batch: Batch, generator: torch.Generator, *, map_std: bool = False,
+                precision: str | None = None) -> Prediction:
         """Anomaly maps ``(N, S, S)`` and global scores ``(N,)`` (no gradients).
 
         The per-image seeds are drawn from ``generator`` in image order, so with one generator
         over a dataset each image's draws do not depend on the batch size.
+
+        Args:
+            map_std: also fill ``Prediction.map_std`` (per-pixel standard deviation over the R
+                Monte Carlo samples of the per-sample map).
+            precision: None computes in the parameters' dtype; ``"fp16"`` or ``"bf16"`` runs
+                the towers, RCA and the logits under ``torch.autocast`` in that half
+                precision (for GPUs; the upsampling, sigmoid and means stay in the
+                parameters' dtype). Its error against full precision is measured by
+                ``benchmarks/inference.py --precision``.
         """
-        with torch.no_grad():
+        with torch.no_grad(), half_precision(self.tau_pix.device, precision):
             out = self.forward_features(self._batch_features(batch), batch.cls_names,
-                                        generator=generator)
-        return Prediction(maps=out.anomaly_map, scores=out.score)
+                                        generator=generator, map_std=map_std)
+        return Prediction(maps=out.anomaly_map, scores=out.score, map_std=out.map_std)
+
+
+HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def half_precision(device: torch.device, precision: str | None):
+    """``torch.autocast`` to ``HALF[precision]`` on ``device``; a no-op context for None."""
+    if precision is None:
+        return nullcontext()
+    if precision not in HALF:
+        raise ValueError(f"precision {precision!r}: use None, 'fp16' or 'bf16'")
+    return torch.autocast(device_type=device.type, dtype=HALF[precision])
