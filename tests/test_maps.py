@@ -53,12 +53,13 @@ def test_fused_float32_within_1e6_of_the_exact_maps(align_corners):
     assert float((got.sample_std.double() - std).abs().max()) < 1e-6
 
 
+@pytest.mark.parametrize("row_step", ["lerp", "matmul"])
 @pytest.mark.parametrize("block", [1, 500, 7 * 3 * 6 * 37, 10**9])
-def test_blocks_change_nothing(block):
-    # One row per block, gathered multi-row blocks, whole images, the whole batch.
+def test_blocks_and_row_steps_change_nothing(block, row_step):
+    # One row per block, multi-row blocks, whole images, the whole batch; both row steps.
     diff = _diff((3, 2, 6, 5, 5))
     ref = fused_maps(diff, (37, 37), n_samples=2)
-    got = fused_maps(diff, (37, 37), n_samples=2, block_elements=block)
+    got = fused_maps(diff, (37, 37), n_samples=2, block_elements=block, row_step=row_step)
     torch.testing.assert_close(got.layer_maps, ref.layer_maps, atol=1e-15, rtol=0)
     torch.testing.assert_close(got.sample_std, ref.sample_std, atol=1e-15, rtol=0)
 
@@ -81,5 +82,7 @@ def test_autocast_does_not_lower_the_maps_precision():
 def test_bad_input_is_named():
     with pytest.raises(ValueError, match="N, L, M, h, w"):
         fused_maps(torch.zeros(2, 3, 4, 4), (8, 8))
+    with pytest.raises(ValueError, match="row_step"):
+        fused_maps(torch.zeros(1, 1, 6, 4, 4), (8, 8), row_step="gather")
     with pytest.raises(ValueError, match="B x R"):
         fused_maps(torch.zeros(1, 1, 6, 4, 4), (8, 8), n_samples=4)

@@ -11,10 +11,11 @@ and producing, storing and re-reading them was most of Bayes-PFL's inference tim
 :func:`fused_maps` never stores them. Bilinear upsampling is separable and local: with the
 ``(W, w)`` interpolation matrix ``A_w`` (two non-zeros a row) the columns are upsampled once on
 the patch grid, ``Y = d A_w^T`` (``h x W`` per pair, small), and output row ``i`` is
-``Y[k_i] + lambda_i (Y[k_i + 1] - Y[k_i])``. Output rows are processed in blocks that share
-their source rows; a block's pair probabilities are made, passed through the sigmoid and
-reduced (mean over pairs per layer; optionally the per-sample maps' spread) while they are
-still in cache, then dropped. The result equals :func:`mean_sigmoid_reference` to rounding
+``Y[k_i] + lambda_i (Y[k_i + 1] - Y[k_i])``. Output rows are processed in blocks; a block's
+pair probabilities are made (on a CPU: one multiply-add per block of rows that share their
+source rows; elsewhere one matmul with the block's rows of ``A_h``), passed through the
+sigmoid and reduced (mean over pairs per layer; optionally the per-sample maps' spread) while
+they are still in cache, then dropped. The result equals :func:`mean_sigmoid_reference` to rounding
 (tested: 1e-6 in float32, 1e-12 in float64).
 
 The per-pixel uncertainty :attr:`FusedMaps.sample_std` is the standard deviation over the R
@@ -35,7 +36,7 @@ from torch import Tensor
 # 4 layers x 30 pairs x ~14 rows x 224 columns is ~376 k values). GPU: large enough that a few
 # dozen launches cover a batch, small enough that no batch-sized buffer appears.
 CPU_BLOCK = 2**19
-GPU_BLOCK = 2**25
+GPU_BLOCK = 2**23
 
 
 @dataclass
@@ -105,13 +106,13 @@ def sample_std_reference(diff: Tensor, size: tuple[int, int], n_samples: int,
     return torch.stack(per_sample).std(0, correction=0)
 
 
-def _row_blocks(k0: Tensor, rows_per_block: int) -> list[tuple[int, int]]:
+def _row_blocks(k0: list[int], rows_per_block: int) -> list[tuple[int, int]]:
     """Blocks ``[i, j)`` of at most ``rows_per_block`` output rows (at least one row).
 
     A run of rows with the same source row ``k0`` is cut into pieces when it is longer; short
-    runs are merged while they fit (a merged block gathers its source rows).
+    runs are merged while they fit.
     """
-    starts = [0] + [i for i in range(1, k0.numel()) if k0[i] != k0[i - 1]] + [k0.numel()]
+    starts = [0] + [i for i in range(1, len(k0)) if k0[i] != k0[i - 1]] + [len(k0)]
     pieces = [(i, min(i + rows_per_block, b)) for a, b in zip(starts[:-1], starts[1:])
               for i in range(a, b, rows_per_block)]
     blocks = [pieces[0]]
@@ -124,7 +125,8 @@ def _row_blocks(k0: Tensor, rows_per_block: int) -> list[tuple[int, int]]:
 
 
 def fused_maps(diff: Tensor, size: tuple[int, int], align_corners: bool = False,
-               n_samples: int | None = None, block_elements: int | None = None) -> FusedMaps:
+               n_samples: int | None = None, block_elements: int | None = None,
+               row_step: str | None = None) -> FusedMaps:
     """Per-layer maps (and optionally the per-sample spread) without per-pair maps in memory.
 
     Args:
@@ -135,6 +137,10 @@ def fused_maps(diff: Tensor, size: tuple[int, int], align_corners: bool = False,
         n_samples: R; when given, also :attr:`FusedMaps.sample_std` (M must be a multiple).
         block_elements: pair probabilities per block (default :data:`CPU_BLOCK` on a CPU,
             :data:`GPU_BLOCK` otherwise). Changes speed and memory only (tested).
+        row_step: how output rows are made from the column-upsampled rows: ``"lerp"`` (one
+            multiply-add where a block shares its source rows; fastest on a CPU) or
+            ``"matmul"`` (one matmul per block; fewest launches on a GPU). None: by device.
+            Changes speed only (tested).
 
     Returns:
         :class:`FusedMaps`; ``layer_maps.mean(1)`` is the anomaly map.
@@ -145,24 +151,25 @@ def fused_maps(diff: Tensor, size: tuple[int, int], align_corners: bool = False,
     H, W = size
     if n_samples is not None and (n_samples < 1 or m % n_samples):
         raise ValueError(f"fused_maps: {m} pairs are not B x R for R = {n_samples}")
-    budget = block_elements or (CPU_BLOCK if diff.device.type == "cpu" else GPU_BLOCK)
+    on_cpu = diff.device.type == "cpu"
+    budget = block_elements or (CPU_BLOCK if on_cpu else GPU_BLOCK)
+    if row_step not in (None, "lerp", "matmul"):
+        raise ValueError(f"fused_maps: row_step {row_step!r}: use 'lerp', 'matmul' or None")
+    lerp = on_cpu if row_step is None else row_step == "lerp"
     # In diff's own dtype even under torch.autocast (which would run the matmul in half).
     with torch.autocast(device_type=diff.device.type, enabled=False):
-        return _fused_maps(diff, size, align_corners, n_samples, budget)
+        return _fused_maps(diff, size, align_corners, n_samples, budget, lerp)
 
 
 def _fused_maps(diff: Tensor, size: tuple[int, int], align_corners: bool,
-                n_samples: int | None, budget: int) -> FusedMaps:
+                n_samples: int | None, budget: int, lerp: bool) -> FusedMaps:
     n, n_layers, m, h, w = diff.shape
     H, W = size
     dev, dt = diff.device, diff.dtype
-
-    # Columns first, on the patch grid: Y (N, L, M, h, W); the row step needs Y[k] and its
-    # forward difference Y[k + 1] - Y[k] (zero on the last row, where k1 = k0).
     a_w = interpolation_matrix(w, W, align_corners, dt, dev)
-    y = diff @ a_w.T
-    dy = torch.cat([y[..., 1:, :] - y[..., :-1, :], torch.zeros_like(y[..., :1, :])], dim=-2)
+    a_h = interpolation_matrix(h, H, align_corners, dt, dev)
     k0, _, lam = _source_rows(h, H, align_corners)
+    k0 = k0.tolist()
     lam = lam.to(dtype=dt, device=dev)
 
     per_row = n_layers * m * W  # pair probabilities of one output row of one image
@@ -171,21 +178,24 @@ def _fused_maps(diff: Tensor, size: tuple[int, int], align_corners: bool,
     else:
         images, rows = 1, max(1, budget // per_row)
     blocks = _row_blocks(k0, rows)
-    k0_dev = k0.to(dev)
 
     layer_maps = diff.new_empty(n, n_layers, H, W)
     std = diff.new_empty(n, H, W) if n_samples is not None else None
     for n0 in range(0, n, images):
         n1 = min(n, n0 + images)
+        # Columns first, on the patch grid: Y (n', L, M, h, W).
+        y = diff[n0:n1] @ a_w.T
+        if lerp:  # output row i = Y[k] + lambda_i (Y[k + 1] - Y[k]); zero step on the last row
+            dy = torch.cat([y[..., 1:, :] - y[..., :-1, :], torch.zeros_like(y[..., :1, :])], -2)
         for i, j in blocks:
-            lam_b = lam[i:j, None]
-            if bool(k0[i] == k0[j - 1]):  # one source row pair: broadcast, no gather
-                k = int(k0[i])
-                z = torch.addcmul(y[n0:n1, ..., k:k + 1, :], lam_b, dy[n0:n1, ..., k:k + 1, :])
+            if lerp and k0[i] == k0[j - 1]:
+                # One source row pair: one broadcast multiply-add (fewest memory passes).
+                k = k0[i]
+                z = torch.addcmul(y[..., k:k + 1, :], lam[i:j, None], dy[..., k:k + 1, :])
             else:
-                idx = k0_dev[i:j]
-                z = torch.addcmul(y[n0:n1].index_select(-2, idx), lam_b,
-                                  dy[n0:n1].index_select(-2, idx))
+                # Rows of A_h restricted to the source rows they touch: one matmul.
+                lo, hi = k0[i], min(h, k0[j - 1] + 2)
+                z = a_h[i:j, lo:hi] @ y[..., lo:hi, :]
             z = z.sigmoid_()  # (n', L, M, rows, W): this block's pair probabilities
             layer_maps[n0:n1, :, i:j] = z.mean(2)
             if std is not None:
