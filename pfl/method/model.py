@@ -10,13 +10,17 @@ appendix A.1 and Algorithm 1. For a batch of N images and R Monte Carlo samples:
    (normal, abnormal: free state vectors, one shared encoder, free planar parameters) draw R
    state offsets. Each offset is added to all P context (Q state) tokens of every prompt of
    the bank (:class:`pfl.method.prompts.PromptBank`).
-3. All ``N x B x R x 2`` prompts are encoded by the frozen text tower in one call.
+3. All ``N x B x R x 2`` prompts are encoded by the frozen text tower in one call; the normal
+   and abnormal prompt of an (image, bank, sample) share [SOS] and the P context tokens, so
+   that prefix runs once (:meth:`pfl.clip.backbone.Backbone.encode_text_shared_prefix`, exact).
 4. RCA refines the text features with the patches of each layer; pixel logits are
    ``exp(tau_pix) F_s F_t'^T``; the abnormal probability of a (normal, abnormal) pair is
    ``sigmoid(up(abnormal - normal))``: only the difference is upsampled (exact: bilinear
    upsampling is linear).
-5. The anomaly map is the mean over layers and the ``B x R`` pairs of that probability; the
+5. The anomaly map is the mean over layers and the ``B x R`` pairs of that probability
+   (:func:`pfl.method.maps.fused_maps`: no pair's full-resolution map is stored); the
    global score the mean over pairs of ``softmax(exp(tau_img) <phi(t), g>)[abnormal]``.
+   Optionally ``map_std``: the per-pixel spread of the R per-sample maps.
 
 Training (``model.train()``) draws ``R = mc_train`` samples and one bank index ``b`` for the
 whole batch; every bank prompt is still encoded so that L_ort sees the whole bank (as in the
