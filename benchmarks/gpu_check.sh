@@ -27,7 +27,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 status=0
 echo; echo "=== fp32 (all methods) + fp16 autocast + map_std + reference ==="
 timeout 420 "$PY" benchmarks/inference.py --profile paper-random --device cuda --batch 8 \
-    --repeats 5 --half fp16 --map-std || status=$?
+    --repeats 5 --half fp16 --map-std --interleaved 5 || status=$?
 echo; echo "=== bf16 autocast (APRIL-GAN and Bayes-PFL only) ==="
 timeout 150 "$PY" benchmarks/inference.py --profile paper-random --device cuda --batch 8 \
     --repeats 5 --half bf16 --methods APRIL-GAN --no-reference || status=$?

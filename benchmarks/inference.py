@@ -27,7 +27,11 @@ peak memory per image: within 1.15x on a GPU, within 2x on the CPU smoke profile
   in that precision (Bayes-PFL through ``predict(precision=...)``: towers, RCA and logits in
   half, maps in full precision) and prints the half maps' and scores' largest difference
   from the full-precision ones (same seeds);
-* ``--map-std`` also times Bayes-PFL with its per-pixel uncertainty map (``map_std``).
+* ``--map-std`` also times Bayes-PFL with its per-pixel uncertainty map (``map_std``);
+* ``--interleaved K`` also times APRIL-GAN and Bayes-PFL alternately K times and prints the
+  ratio of their fastest runs: on a machine shared with other jobs the load can change
+  several-fold between the methods' turns, which medians taken one method after the other
+  do not survive.
 
 Usage::
 
@@ -57,7 +61,7 @@ from pfl.config import BackboneConfig, ModelConfig
 from pfl.method.contract import Batch, Prediction
 from pfl.method.model import HALF, BayesPFL
 from pfl.method.prompts import class_words, template_text
-from pfl.run.timing import measure
+from pfl.run.timing import measure, run_once
 
 PROFILES = {
     "smoke": BackboneConfig(model_name="pfl-tiny", image_size=224),
@@ -247,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time APRIL-GAN and Bayes-PFL under autocast in this precision")
     parser.add_argument("--map-std", action="store_true",
                         help="also time Bayes-PFL with its per-pixel uncertainty map")
+    parser.add_argument("--interleaved", type=int, default=0, metavar="K",
+                        help="also time APRIL-GAN and Bayes-PFL alternately K times and give the "
+                             "ratio of their fastest runs (steadier on a loaded machine)")
     parser.add_argument("--no-reference", action="store_true",
                         help="skip the slow straightforward reference")
     parser.add_argument("--results", default=None, help="Results CSV for the metric columns")
@@ -311,6 +318,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"GOAL{tag or ' (' + args.dtype + ')'}: Bayes-PFL / APRIL-GAN = "
                   f"{b['ms']:.1f} / {a['ms']:.1f} ms/img = {ratio:.2f}x{verdict}; peak rise per "
                   f"image {b['rise_mb'] / args.batch:.1f} vs {a['rise_mb'] / args.batch:.1f} MB")
+    if args.interleaved and "APRIL-GAN" in methods:
+        pair = {k: methods[k] for k in ("APRIL-GAN", "Bayes-PFL", "Bayes-PFL (+map_std)")
+                if k in methods}
+        for m in pair.values():  # warm-up
+            run_once(m, images, cls_names, device)
+        fastest = {k: float("inf") for k in pair}
+        for _ in range(args.interleaved):
+            for k, m in pair.items():
+                fastest[k] = min(fastest[k], run_once(m, images, cls_names, device)[0])
+        ms = {k: 1e3 * t / args.batch for k, t in fastest.items()}
+        print(f"GOAL (interleaved, fastest of {args.interleaved}): " + ", ".join(
+            f"{k} {v:.1f} ms/img ({v / ms['APRIL-GAN']:.2f}x)" for k, v in ms.items()))
     if args.map_std and "Bayes-PFL (+map_std)" in rows:
         print(f"map_std costs {rows['Bayes-PFL (+map_std)']['ms'] - rows['Bayes-PFL']['ms']:.1f}"
               " ms/img on top of Bayes-PFL")
