@@ -120,9 +120,9 @@ def test_half_precision_predict_is_close_and_checked(model, images):
     full = model.predict(batch, torch.Generator().manual_seed(0))
     half = model.predict(batch, torch.Generator().manual_seed(0), precision="bf16")
     assert half.maps.dtype == full.maps.dtype
-    # bf16 keeps 8 mantissa bits: maps and scores move by about 1e-2 at most on the CPU.
-    assert float((half.maps - full.maps).abs().max()) < 5e-2
-    assert float((half.scores - full.scores).abs().max()) < 5e-2
+    # bf16 keeps 8 mantissa bits: maps and scores move by ~1e-3 (the benchmark: 1.5e-3 max).
+    assert float((half.maps - full.maps).abs().max()) < 1e-2
+    assert float((half.scores - full.scores).abs().max()) < 1e-2
     with pytest.raises(ValueError, match="bf16"):
         model.predict(batch, torch.Generator(), precision="half")
 
