@@ -17,13 +17,30 @@ here from the paper's equations: for every image, every Monte Carlo sample, ever
 and both states, one text-tower call on the full 77-token context; a Python loop over layers
 and prompt pairs, with per-head RCA attention and both logits upsampled before the softmax.
 ``pfl``'s maps and scores must equal it to 1e-4 (the script exits with status 1 otherwise);
-the speed-up of pfl's batched, truncated single text pass is printed.
+the speed-up of pfl's batched path is printed, and the maps' largest difference.
+
+The goals of issue #20 are printed as ratios of Bayes-PFL's time to APRIL-GAN's, with the
+peak memory per image: within 1.15x on a GPU, within 2x on the CPU smoke profile. Options:
+
+* ``--dtype float64`` builds everything in float64 (the smoke profile's reproducible mode);
+* ``--half fp16`` (or ``bf16``) also times APRIL-GAN and Bayes-PFL under ``torch.autocast``
+  in that precision (Bayes-PFL through ``predict(precision=...)``: towers, RCA and logits in
+  half, maps in full precision) and prints the half maps' and scores' largest difference
+  from the full-precision ones (same seeds);
+* ``--map-std`` also times Bayes-PFL with its per-pixel uncertainty map (``map_std``);
+* ``--interleaved K`` also times APRIL-GAN and Bayes-PFL alternately K times and prints the
+  ratio of their fastest runs: on a machine shared with other jobs the load can change
+  several-fold between the methods' turns, which medians taken one method after the other
+  do not survive. With one CPU thread it also gives the ratio of the least CPU time of the
+  calling thread (time spent waiting for a core does not count: the steadiest figure on a
+  loaded machine).
 
 Usage::
 
     python benchmarks/inference.py                      # smoke: pfl-tiny at 224 px, CPU
     python benchmarks/inference.py --profile paper-random --device cuda   # ViT-L-14-336, 518 px
     python benchmarks/inference.py --results figures/07_results.csv --dataset target
+    python benchmarks/inference.py --dtype float64 --half bf16 --map-std
 
 ``paper-random`` builds ViT-L-14-336 at 518 px with a random init (timing does not need the
 weights; nothing is downloaded). Timings depend on the machine: compare ratios, not
@@ -44,10 +61,10 @@ from pfl.baselines import REGISTRY, build
 from pfl.clip.backbone import Backbone, create_clip
 from pfl.config import BackboneConfig, ModelConfig
 from pfl.method.contract import Batch, Prediction
-from pfl.method.model import BayesPFL
+from pfl.method.model import HALF, BayesPFL
 from pfl.method.prompts import class_words, template_text
 from pfl.method.sampling import draw_noise
-from pfl.run.timing import measure
+from pfl.run.timing import measure, run_once
 
 PROFILES = {
     "smoke": BackboneConfig(model_name="pfl-tiny", image_size=224),
@@ -78,19 +95,31 @@ def make_backbone(profile: str, device: str) -> Backbone:
 
 # --- Bayes-PFL as a Method (its own predict when the model has one) ----------------------------
 class BayesPFLInference:
-    """``predict`` of Bayes-PFL: the model's own when it has one, else its forward pass."""
+    """``predict`` of Bayes-PFL, with its half-precision and uncertainty switches."""
 
     name = "Bayes-PFL"
 
-    def __init__(self, model: BayesPFL):
+    def __init__(self, model: BayesPFL, precision: str | None = None, map_std: bool = False):
         self.model, self.backbone = model, model.backbone
+        self.precision, self.map_std = precision, map_std
 
     def predict(self, batch: Batch, generator: torch.Generator) -> Prediction:
-        if hasattr(self.model, "predict"):
-            return self.model.predict(batch, generator)
-        out = self.model.forward_features(batch.features(self.backbone), batch.cls_names,
-                                          generator=generator)
-        return Prediction(maps=out.anomaly_map, scores=out.score)
+        return self.model.predict(batch, generator, map_std=self.map_std,
+                                  precision=self.precision)
+
+
+class Autocast:
+    """A peer's ``predict`` under ``torch.autocast`` (its half-precision time)."""
+
+    def __init__(self, method, device: torch.device, precision: str):
+        self.method, self.backbone, self.name = method, method.backbone, method.name
+        self.device, self.dtype = device, HALF[precision]
+
+    def predict(self, batch: Batch, generator: torch.Generator) -> Prediction:
+        with torch.autocast(device_type=self.device.type, dtype=self.dtype):
+            pred = self.method.predict(batch, generator)
+        dt = torch.get_default_dtype()
+        return Prediction(maps=pred.maps.to(dt), scores=pred.scores.to(dt))
 
 
 # --- the straightforward reference --------------------------------------------------------------
@@ -129,7 +158,8 @@ def reference_bayes_pfl(model: BayesPFL, images: torch.Tensor, cls_names: list[s
     with torch.no_grad():
         for n in range(images.shape[0]):
             feats = bb.encode_image(images[n:n + 1])
-            g, patches = feats.global_.float(), feats.patches[0].float()
+            dt = model.tau_pix.dtype
+            g, patches = feats.global_.to(dt), feats.patches[0].to(dt)
             ids = bb.tokenize([template_text(P, Q, class_words(cls_names[n]))])
             eot = int(ids.argmax(-1))
             emb0 = bb.token_embedding(ids.to(images.device))[0]
@@ -184,6 +214,27 @@ def metric_cells(results_csv: str | None, dataset: str, method: str) -> list[str
     return cells
 
 
+GOALS = {"cuda": 1.15, "cpu": 2.0}  # issue #20: Bayes-PFL / APRIL-GAN time
+
+
+def print_table(rows: dict, batch: int, results: str | None, dataset: str, what: str) -> None:
+    base = rows.get("APRIL-GAN", {}).get("ms")
+    head = ["method", *(c for _, c in METRIC_COLUMNS), "peak (MB)", "rise (MB)",
+            "rise/img (MB)", "time (ms/img)", "x APRIL-GAN"]
+    table = [head]
+    for name, r in rows.items():
+        ratio = f"{r['ms'] / base:.2f}" if base else ""
+        table.append([name, *metric_cells(results, dataset, name.split(" (")[0]),
+                      f"{r['peak_mb']:.0f}", f"{r['rise_mb']:.0f}", f"{r['rise_mb'] / batch:.1f}",
+                      f"{r['ms']:.1f}", ratio])
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    print(f"Table A.3-style ({what}; metrics: "
+          f"{'from ' + results + ', ' + dataset if results else 'not given'}):")
+    for row in table:
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                        for i, (c, w) in enumerate(zip(row, widths))))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", choices=sorted(PROFILES), default="smoke")
@@ -196,12 +247,24 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"peers to time (default all: {list(REGISTRY)})")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (1 gives steadier timings on a shared machine)")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                        help="default dtype of every model and image (float64: smoke's exact mode)")
+    parser.add_argument("--half", choices=sorted(HALF), default=None,
+                        help="also time APRIL-GAN and Bayes-PFL under autocast in this precision")
+    parser.add_argument("--map-std", action="store_true",
+                        help="also time Bayes-PFL with its per-pixel uncertainty map")
+    parser.add_argument("--interleaved", type=int, default=0, metavar="K",
+                        help="also time APRIL-GAN and Bayes-PFL alternately K times and give the "
+                             "ratio of their fastest runs (steadier on a loaded machine)")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="skip the slow straightforward reference")
     parser.add_argument("--results", default=None, help="Results CSV for the metric columns")
     parser.add_argument("--dataset", default="target", help="dataset of --results to report")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.set_default_dtype(getattr(torch, args.dtype))
     device = torch.device(args.device)
 
     bb = make_backbone(args.profile, args.device)
@@ -216,12 +279,20 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.methods if args.methods is not None else list(REGISTRY):  # paper order
         m = build(name, bb, generator=torch.Generator().manual_seed(args.seed))
         methods[m.name] = m.to(device).eval() if hasattr(m, "to") else m
+    peers = dict(methods)
     methods["Bayes-PFL"] = BayesPFLInference(bayes)
+    if args.map_std:
+        methods["Bayes-PFL (+map_std)"] = BayesPFLInference(bayes, map_std=True)
+    if args.half:
+        if "APRIL-GAN" in peers:
+            methods[f"APRIL-GAN ({args.half})"] = Autocast(peers["APRIL-GAN"], device, args.half)
+        methods[f"Bayes-PFL ({args.half})"] = BayesPFLInference(bayes, precision=args.half)
 
     print(f"profile {args.profile}: {bb.clip.visual.__class__.__name__} "
           f"{len(bb.clip.visual.transformer.resblocks)} blocks x width {bb.vision_width}, "
           f"{S} px, layers {bb.layers}; batch {args.batch}; device {device}"
-          + (f" ({torch.get_num_threads()} CPU threads)" if device.type == "cpu" else ""))
+          + (f" ({torch.get_num_threads()} CPU threads)" if device.type == "cpu" else "")
+          + f"; {args.dtype}")
     print(f"Bayes-PFL: B = {model_cfg.n_prompts}, R = {model_cfg.mc_test}, "
           f"K = {model_cfg.flow_length}; time = median of {args.repeats} runs per batch / batch\n")
 
@@ -232,46 +303,79 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as err:  # report and go on: one broken peer must not hide the rest
             failed.append(name)
             print(f"{name} FAILED: {type(err).__name__}: {err}")
+    what = "GPU memory allocated" if device.type == "cuda" else "process RSS"
+    print_table(rows, args.batch, args.results, args.dataset, what)
+    if "Bayes-PFL" not in rows:
+        return 1
 
-    # The straightforward reference: equality first (same seeds), then its time.
+    # Goals: Bayes-PFL / APRIL-GAN, in full precision and (if asked) in half precision.
+    goal = GOALS.get(device.type)
+    print()
+    for tag in ["", *([f" ({args.half})"] if args.half else [])]:
+        a, b = rows.get("APRIL-GAN" + tag), rows.get("Bayes-PFL" + tag)
+        if a and b:
+            ratio = b["ms"] / a["ms"]
+            verdict = "" if goal is None else (
+                f" (goal <= {goal:.2f}x on {device.type}: {'met' if ratio <= goal else 'NOT met'})")
+            print(f"GOAL{tag or ' (' + args.dtype + ')'}: Bayes-PFL / APRIL-GAN = "
+                  f"{b['ms']:.1f} / {a['ms']:.1f} ms/img = {ratio:.2f}x{verdict}; peak rise per "
+                  f"image {b['rise_mb'] / args.batch:.1f} vs {a['rise_mb'] / args.batch:.1f} MB")
+    if args.interleaved and "APRIL-GAN" in methods:
+        pair = {k: methods[k] for k in ("APRIL-GAN", "Bayes-PFL", "Bayes-PFL (+map_std)")
+                if k in methods}
+        for m in pair.values():  # warm-up
+            run_once(m, images, cls_names, device)
+        fastest = {k: float("inf") for k in pair}
+        least_cpu = dict(fastest)
+        for _ in range(args.interleaved):
+            for k, m in pair.items():
+                cpu0 = time.thread_time()
+                fastest[k] = min(fastest[k], run_once(m, images, cls_names, device)[0])
+                least_cpu[k] = min(least_cpu[k], time.thread_time() - cpu0)
+        for what, best in (("wall", fastest), ("CPU time of this thread", least_cpu)):
+            if what != "wall" and (device.type != "cpu" or torch.get_num_threads() != 1):
+                continue  # a thread's CPU time is the method's cost only with one thread
+            ms = {k: 1e3 * t / args.batch for k, t in best.items()}
+            print(f"GOAL (interleaved, least {what} of {args.interleaved}): " + ", ".join(
+                f"{k} {v:.1f} ms/img ({v / ms['APRIL-GAN']:.2f}x)" for k, v in ms.items()))
+    if args.map_std and "Bayes-PFL (+map_std)" in rows:
+        print(f"map_std costs {rows['Bayes-PFL (+map_std)']['ms'] - rows['Bayes-PFL']['ms']:.1f}"
+              " ms/img on top of Bayes-PFL")
+
     n_ref = min(args.ref_batch, args.batch)
     seeds = list(range(1000, 1000 + n_ref))
     with torch.no_grad():
         fast = bayes.forward_features(bb.encode_image(images[:n_ref]), cls_names[:n_ref],
                                       seeds=seeds)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    ref_maps, ref_scores = reference_bayes_pfl(bayes, images[:n_ref], cls_names[:n_ref], seeds)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    ref_ms = 1e3 * (time.perf_counter() - t0) / n_ref
-    map_err = float((fast.anomaly_map - ref_maps).abs().max())
-    score_err = float((fast.score - ref_scores).abs().max())
-
-    base = rows.get("APRIL-GAN", {}).get("ms")
-    head = ["method", *(c for _, c in METRIC_COLUMNS), "peak (MB)", "rise (MB)", "time (ms/img)",
-            "x APRIL-GAN"]
-    table = [head]
-    for name, r in rows.items():
-        ratio = f"{r['ms'] / base:.2f}" if base else ""
-        table.append([name, *metric_cells(args.results, args.dataset, name),
-                      f"{r['peak_mb']:.0f}", f"{r['rise_mb']:.0f}", f"{r['ms']:.1f}", ratio])
-    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
-    what = "GPU memory allocated" if device.type == "cuda" else "process RSS"
-    print(f"Table A.3-style ({what}; metrics: "
-          f"{'from ' + args.results + ', ' + args.dataset if args.results else 'not given'}):")
-    for row in table:
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                        for i, (c, w) in enumerate(zip(row, widths))))
-    if "Bayes-PFL" not in rows:
-        return 1
-    print(f"\nBayes-PFL reference (per image x sample x prompt x state text calls on 77 tokens, "
-          f"Python loops over layers and pairs; {n_ref} images): {ref_ms:.1f} ms/img; pfl: "
-          f"{rows['Bayes-PFL']['ms']:.1f} ms/img; speed-up {ref_ms / rows['Bayes-PFL']['ms']:.1f}x")
-    ok = map_err <= TOLERANCE and score_err <= TOLERANCE
-    print(f"pfl vs reference: max |map diff| = {map_err:.2e}, max |score diff| = {score_err:.2e} "
-          f"(tolerance {TOLERANCE:.0e}): {'OK' if ok else 'MISMATCH'}")
+    ok = True
+    if args.half:  # half against full precision, same seeds, whole batch
+        full = BayesPFLInference(bayes).predict(Batch(cls_names, images=images),
+                                                torch.Generator().manual_seed(0))
+        half = BayesPFLInference(bayes, precision=args.half).predict(
+            Batch(cls_names, images=images), torch.Generator().manual_seed(0))
+        print(f"Bayes-PFL {args.half} vs {args.dtype}: max |map diff| = "
+              f"{float((half.maps - full.maps).abs().max()):.2e}, mean |map diff| = "
+              f"{float((half.maps - full.maps).abs().mean()):.2e}, max |score diff| = "
+              f"{float((half.scores - full.scores).abs().max()):.2e} ({args.batch} images)")
+    if not args.no_reference:
+        # The straightforward reference: equality first (same seeds), then its time.
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        ref_maps, ref_scores = reference_bayes_pfl(bayes, images[:n_ref], cls_names[:n_ref],
+                                                   seeds)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        ref_ms = 1e3 * (time.perf_counter() - t0) / n_ref
+        map_err = float((fast.anomaly_map - ref_maps).abs().max())
+        score_err = float((fast.score - ref_scores).abs().max())
+        print(f"Bayes-PFL reference (per image x sample x prompt x state text calls on 77 "
+              f"tokens, Python loops over layers and pairs; {n_ref} images): {ref_ms:.1f} "
+              f"ms/img; pfl: {rows['Bayes-PFL']['ms']:.1f} ms/img; speed-up "
+              f"{ref_ms / rows['Bayes-PFL']['ms']:.1f}x")
+        ok = map_err <= TOLERANCE and score_err <= TOLERANCE
+        print(f"pfl vs reference: max |map diff| = {map_err:.2e}, max |score diff| = "
+              f"{score_err:.2e} (tolerance {TOLERANCE:.0e}): {'OK' if ok else 'MISMATCH'}")
     return 0 if ok and not failed else 1
 
 

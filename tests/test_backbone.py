@@ -226,3 +226,32 @@ def test_fp16_openai_file_loads_with_pos_embed_resize(tmp_path, kind):
     assert new.shape == (101, old.shape[1])
     assert torch.equal(new[0], old[0])
     assert torch.allclose(new[1:], want, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_shared_prefix_equals_the_full_sequences(tiny, dtype):
+    # G groups of S prompts sharing P0 leading tokens, EOTs at different places per group:
+    # the prefix-once path gives what the plain path gives on every full sequence.
+    g, s, p0, l1, w = 3, 2, 4, 7, tiny.text_width
+    gen = torch.Generator().manual_seed(0)
+    prefix = torch.randn(g, p0, w, generator=gen, dtype=dtype)
+    suffix = torch.randn(g, s, l1, w, generator=gen, dtype=dtype)
+    eot = torch.tensor([p0 + 2, p0 + l1 - 1, p0])
+    full = torch.cat([prefix[:, None].expand(g, s, p0, w), suffix], dim=2)
+    bb = tiny.to(dtype)
+    try:
+        plain = bb.encode_text_embeddings(full.flatten(0, 1), eot.repeat_interleave(s))
+        shared = bb.encode_text_shared_prefix(prefix, suffix, eot)
+    finally:
+        tiny.float()
+    atol = 1e-6 if dtype == torch.float32 else 1e-13
+    torch.testing.assert_close(shared, plain.view(g, s, -1), atol=atol, rtol=0)
+
+
+def test_shared_prefix_passes_gradients(tiny):
+    w = tiny.text_width
+    prefix = torch.randn(2, 3, w, requires_grad=True)
+    suffix = torch.randn(2, 2, 4, w, requires_grad=True)
+    tiny.encode_text_shared_prefix(prefix, suffix, torch.tensor([5, 6])).sum().backward()
+    assert prefix.grad.abs().sum() > 0 and suffix.grad.abs().sum() > 0
+    assert all(p.grad is None for p in tiny.parameters())

@@ -8,7 +8,9 @@ import torch.nn.functional as F
 
 from pfl.config import ModelConfig, TrainConfig
 from pfl.method.contract import Batch, Method
-from pfl.method.model import RCA, BayesPFL, mean_sigmoid_upsampled
+from pfl.method.maps import sample_std_reference
+from pfl.method.model import RCA, BayesPFL
+from pfl.method.sampling import PromptNoise, draw_noise
 
 CFG = ModelConfig(n_prompts=3, n_ctx=5, n_state=5, flow_length=4, mc_train=1, mc_test=3)
 NAMES = ["bottle", "pcb1", "metal_nut", "bottle"]
@@ -98,13 +100,32 @@ def test_maps_and_score_equal_a_brute_force_pipeline(model, images):
         torch.testing.assert_close(out.score, score, atol=1e-6, rtol=0)
 
 
-def test_mean_sigmoid_upsampled_chunks_change_nothing():
-    diff = torch.randn(3, 2, 5, 4, 4, generator=torch.Generator().manual_seed(0))
-    whole = mean_sigmoid_upsampled(diff, (16, 16))
-    chunked = mean_sigmoid_upsampled(diff, (16, 16), max_elements=1)
-    ref = torch.sigmoid(F.interpolate(diff.view(6, 5, 4, 4), size=(16, 16), mode="bilinear"))
-    torch.testing.assert_close(whole, ref.mean(1).view(3, 2, 16, 16), atol=1e-7, rtol=0)
-    assert torch.equal(whole, chunked)
+def test_map_std_equals_a_per_sample_loop(model, images):
+    # Sample r's map is the mean over layers and banks of its pairs b R + r; map_std is their
+    # spread over r. Also: the mean of the per-sample maps is the anomaly map, and asking
+    # for the spread changes nothing else.
+    out = _forward(model, images[:2], NAMES[:2], seeds=[5, 6], map_std=True)
+    plain = _forward(model, images[:2], NAMES[:2], seeds=[5, 6])
+    assert plain.map_std is None and torch.equal(out.anomaly_map, plain.anomaly_map)
+    S, R = model.backbone.image_size, CFG.mc_test
+    ref = sample_std_reference(out.pixel_logits, (S, S), R)
+    torch.testing.assert_close(out.map_std, ref, atol=1e-6, rtol=0)
+    assert float(out.map_std.max()) > 1e-4  # the flow draws do disagree somewhere
+    pred = model.predict(Batch(NAMES[:2], images=images[:2]), torch.Generator().manual_seed(0),
+                         map_std=True)
+    assert pred.map_std.shape == pred.maps.shape
+
+
+def test_half_precision_predict_is_close_and_checked(model, images):
+    batch = Batch(list(NAMES), feats=model.backbone.encode_image(images))
+    full = model.predict(batch, torch.Generator().manual_seed(0))
+    half = model.predict(batch, torch.Generator().manual_seed(0), precision="bf16")
+    assert half.maps.dtype == full.maps.dtype
+    # bf16 keeps 8 mantissa bits: maps and scores move by ~1e-3 (the benchmark: 1.5e-3 max).
+    assert float((half.maps - full.maps).abs().max()) < 1e-2
+    assert float((half.scores - full.scores).abs().max()) < 1e-2
+    with pytest.raises(ValueError, match="bf16"):
+        model.predict(batch, torch.Generator(), precision="half")
 
 
 def test_batch_independence(model, images):
@@ -121,23 +142,40 @@ def test_batch_independence(model, images):
 
 
 def test_one_text_call_for_all_prompts(model, images, monkeypatch):
+    # One shared-prefix call: a group per (image, bank, sample), its normal and abnormal prompt.
     calls = []
-    real = model.backbone.encode_text_embeddings
+    real = model.backbone.encode_text_shared_prefix
 
-    def counting(x, eot):
-        calls.append(x.shape[0])
-        return real(x, eot)
+    def counting(prefix, suffix, eot):
+        calls.append(tuple(suffix.shape[:2]))
+        return real(prefix, suffix, eot)
 
-    monkeypatch.setattr(model.backbone, "encode_text_embeddings", counting)
+    monkeypatch.setattr(model.backbone, "encode_text_shared_prefix", counting)
     _forward(model, images, NAMES, seeds=[0, 1, 2, 3])
-    assert calls == [4 * CFG.n_prompts * CFG.mc_test * 2]
+    assert calls == [(4 * CFG.n_prompts * CFG.mc_test, 2)]
     calls.clear()
     model.train()
     try:
         _forward(model, images[:2], NAMES[:2], seeds=[0, 1], bank_index=1)
     finally:
         model.eval()
-    assert calls == [2 * CFG.n_prompts * CFG.mc_train * 2]  # every bank for L_ort
+    assert calls == [(2 * CFG.n_prompts * CFG.mc_train, 2)]  # every bank for L_ort
+
+
+def test_shared_prefix_text_path_equals_the_plain_one(model):
+    # The prompts of encode_prompts through the plain text path, one full sequence each.
+    g = torch.randn(2, model.backbone.embed_dim, generator=torch.Generator().manual_seed(0))
+    blk = draw_noise([1, 2], (3, CFG.mc_test, model.backbone.text_width)).permute(1, 2, 0, 3)
+    noise = PromptNoise(isd=blk[0], iad=blk[1:], seeds=[1, 2], base=1)
+    with torch.no_grad():
+        isd, iad, _ = model.sample_prompts(g, noise)
+        ids, eot = model.skeleton(["pcb1", "bottle"])
+        seq = model.bank.sequences(model.backbone.token_embedding(ids), isd, iad)
+        n, b, r = seq.shape[:3]
+        plain = model.backbone.encode_text_embeddings(seq.flatten(0, 3),
+                                                      eot.repeat_interleave(b * r * 2))
+        shared = model.encode_prompts(["pcb1", "bottle"], isd, iad)
+    torch.testing.assert_close(shared, plain.view(n, b, r, 2, -1), atol=1e-6, rtol=0)
 
 
 def test_determinism_for_a_generator_seed(model, images):

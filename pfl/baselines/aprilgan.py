@@ -105,8 +105,9 @@ def segmentation_loss(probs: Tensor, masks: Tensor, gamma: float = 2.0,
         raise ValueError(f"masks {tuple(masks.shape)} do not match the maps "
                          f"{tuple(probs.shape)}: give masks at the image size")
     focal = sum(focal_loss(probs[:, i], masks, gamma) for i in range(probs.shape[1]))
-    dice = sum(dice_loss(probs[:, i], masks, include_normal=include_normal)
-               for i in range(probs.shape[1]))
+    dice = sum(dice_loss(probs[:, i], masks) for i in range(probs.shape[1]))
+    if include_normal:
+        dice = dice + sum(dice_loss(1.0 - probs[:, i], 1.0 - masks) for i in range(probs.shape[1]))
     return focal, dice
 
 

@@ -353,6 +353,60 @@ class Backbone(nn.Module):
         x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
         return F.normalize(x, dim=-1)
 
+    def encode_text_shared_prefix(
+        self, prefix: torch.Tensor, suffix: torch.Tensor, eot: torch.Tensor
+    ) -> torch.Tensor:
+        """Prompts that share their first tokens: the prefix runs once per group, exactly.
+
+        ``prefix (G, P0, W)`` holds the shared leading token embeddings of group g (Bayes-PFL:
+        [SOS], the P context vectors and their ISD draw, the same for the normal and the
+        abnormal prompt), ``suffix (G, S, L1, W)`` the S continuations of each group, ``eot
+        (G,)`` the EOT position of the full sequences (the same for a group's S members, at
+        least P0). Returns normalised features ``(G, S, E)`` equal to
+        :meth:`encode_text_embeddings` on the S full sequences ``cat(prefix, suffix)``.
+
+        Why exact: under the causal mask a prefix token attends only to prefix tokens, so its
+        hidden states, and hence its keys and values in every block, do not depend on the
+        suffix; the suffix tokens attend to the cached prefix keys/values and to their own
+        earlier tokens. In the last block only the EOT token's output is used, so only its
+        query, attention and MLP are computed. Saves the prefix's work S - 1 times and most
+        of the last block. Gradients flow as in :meth:`encode_text_embeddings`.
+
+        Towers whose blocks are not open_clip ``ResidualAttentionBlock`` with
+        ``nn.MultiheadAttention`` take the plain path (same result, no saving).
+        """
+        clip = self.clip
+        g, s, l1, w = suffix.shape
+        p0 = prefix.shape[1]
+        length = int(eot.max()) + 1
+        blocks = list(clip.transformer.resblocks)
+        if length <= p0 or not all(isinstance(getattr(b, "attn", None), nn.MultiheadAttention)
+                                   and getattr(b.attn, "batch_first", False) for b in blocks):
+            full = torch.cat([prefix[:, None].expand(g, s, p0, w), suffix], dim=2)
+            out = self.encode_text_embeddings(full.reshape(g * s, p0 + l1, w),
+                                              eot.repeat_interleave(s))
+            return out.view(g, s, -1)
+        dt = self.dtype
+        pos = clip.positional_embedding[:length].to(dt)
+        xp = prefix.to(dt) + pos[:p0]
+        xs = suffix[:, :, : length - p0].to(dt) + pos[p0:]  # (G, S, L1', W)
+        l1 = xs.shape[2]
+        dev = xs.device
+        # Suffix query i (position p0 + i) sees every prefix key and suffix keys j <= i.
+        keep = torch.ones(l1, p0 + l1, dtype=torch.bool, device=dev)
+        keep[:, p0:] = torch.ones(l1, l1, dtype=torch.bool, device=dev).tril()
+        last = eot.to(dev) - p0  # (G,) EOT row inside the suffix
+        for j, block in enumerate(blocks):
+            if j + 1 < len(blocks):
+                xp, xs = _prefix_block(block, xp, xs, keep)
+            else:
+                rows = last.view(g, 1).expand(g, s)
+                xs = _prefix_block(block, xp, xs, keep[last], rows)[1]
+        x = clip.ln_final(xs[:, :, 0])  # (G, S, W): the EOT token
+        proj = clip.text_projection
+        x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
+        return F.normalize(x, dim=-1)
+
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         """Plain prompts -> normalised text features (N, E), through the truncated path."""
         ids = self.tokenize(texts).to(self.clip.token_embedding.weight.device)
@@ -365,6 +419,51 @@ def _run_block(block: nn.Module, x: torch.Tensor, transformer: nn.Module,
     if getattr(transformer, "batch_first", True):
         return block(x, attn_mask=mask)
     return block(x.transpose(0, 1), attn_mask=mask).transpose(0, 1)
+
+
+def _prefix_block(block: nn.Module, xp: torch.Tensor, xs: torch.Tensor, keep: torch.Tensor,
+                  rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One open_clip ``ResidualAttentionBlock`` on a shared prefix and its continuations.
+
+    ``xp (G, P0, W)``, ``xs (G, S, L1, W)``; ``keep`` the boolean mask of suffix queries over
+    [prefix, suffix] keys (True: attend): ``(L1, P0 + L1)``, or, with ``rows (G, S)`` (the
+    one suffix row to compute per sequence), that row's mask per group ``(G, P0 + L1)``.
+    Returns the new ``(xp, xs)``; with ``rows`` xs is ``(G, S, 1, W)`` and xp is not
+    updated. The keys and values of the prefix are computed once for the S continuations.
+    """
+    attn = block.attn
+    g, s, l1, w = xs.shape
+    heads = attn.num_heads
+    dh = w // heads
+    weight, bias = attn.in_proj_weight, attn.in_proj_bias
+
+    def split(t: torch.Tensor) -> torch.Tensor:  # (B, L, W) -> (B, heads, L, dh)
+        return t.unflatten(-1, (heads, dh)).transpose(1, 2)
+
+    def merge(t: torch.Tensor) -> torch.Tensor:  # (B, heads, L, dh) -> (B, L, W)
+        return attn.out_proj(t.transpose(1, 2).flatten(-2))
+
+    qp, kp, vp = F.linear(block.ln_1(xp), weight, bias).chunk(3, -1)
+    qp, kp, vp = split(qp), split(kp), split(vp)  # (G, heads, P0, dh)
+    xs = xs.reshape(g * s, l1, w)
+    hs = block.ln_1(xs)
+    ks, vs = F.linear(hs, weight[w:], bias[w:]).chunk(2, -1)
+    k = torch.cat([kp.repeat_interleave(s, 0), split(ks)], dim=2)  # (G S, heads, P0 + L1, dh)
+    v = torch.cat([vp.repeat_interleave(s, 0), split(vs)], dim=2)
+    mask = keep
+    if rows is not None:  # one query row per sequence
+        idx = rows.reshape(g * s, 1, 1).expand(g * s, 1, w)
+        xs, hs = xs.gather(1, idx), hs.gather(1, idx)
+        mask = keep.repeat_interleave(s, 0)[:, None, None]  # (G S, 1, 1, P0 + L1)
+    att = F.scaled_dot_product_attention(split(F.linear(hs, weight[:w], bias[:w])), k, v,
+                                         attn_mask=mask)
+    xs = xs + block.ls_1(merge(att))
+    xs = (xs + block.ls_2(block.mlp(block.ln_2(xs)))).view(g, s, -1, w)
+    if rows is None:
+        att = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)
+        xp = xp + block.ls_1(merge(att))
+        xp = xp + block.ls_2(block.mlp(block.ln_2(xp)))
+    return xp, xs
 
 
 def load_backbone(cfg: BackboneConfig | None = None) -> Backbone:

@@ -58,10 +58,13 @@ class Shard:
 @dataclass
 class Prediction:
     """maps: (N, S, S) abnormal probability at the input resolution, before smoothing;
-    scores: (N,) the method's own image-level abnormal score."""
+    scores: (N,) the method's own image-level abnormal score; map_std: (N, S, S) optional
+    per-pixel uncertainty (Bayes-PFL: standard deviation over its Monte Carlo samples of the
+    per-sample map, when asked for), else None."""
 
     maps: torch.Tensor
     scores: torch.Tensor
+    map_std: torch.Tensor | None = None
 
 
 @dataclass

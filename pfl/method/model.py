@@ -10,13 +10,17 @@ appendix A.1 and Algorithm 1. For a batch of N images and R Monte Carlo samples:
    (normal, abnormal: free state vectors, one shared encoder, free planar parameters) draw R
    state offsets. Each offset is added to all P context (Q state) tokens of every prompt of
    the bank (:class:`pfl.method.prompts.PromptBank`).
-3. All ``N x B x R x 2`` prompts are encoded by the frozen text tower in one call.
+3. All ``N x B x R x 2`` prompts are encoded by the frozen text tower in one call; the normal
+   and abnormal prompt of an (image, bank, sample) share [SOS] and the P context tokens, so
+   that prefix runs once (:meth:`pfl.clip.backbone.Backbone.encode_text_shared_prefix`, exact).
 4. RCA refines the text features with the patches of each layer; pixel logits are
    ``exp(tau_pix) F_s F_t'^T``; the abnormal probability of a (normal, abnormal) pair is
    ``sigmoid(up(abnormal - normal))``: only the difference is upsampled (exact: bilinear
    upsampling is linear).
-5. The anomaly map is the mean over layers and the ``B x R`` pairs of that probability; the
+5. The anomaly map is the mean over layers and the ``B x R`` pairs of that probability
+   (:func:`pfl.method.maps.fused_maps`: no pair's full-resolution map is stored); the
    global score the mean over pairs of ``softmax(exp(tau_img) <phi(t), g>)[abnormal]``.
+   Optionally ``map_std``: the per-pixel spread of the R per-sample maps.
 
 Training (``model.train()``) draws ``R = mc_train`` samples and one bank index ``b`` for the
 whole batch; every bank prompt is still encoded so that L_ort sees the whole bank (as in the
@@ -58,6 +62,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +74,7 @@ from pfl.config import ModelConfig, TrainConfig
 from pfl.method.contract import Batch, Prediction, Shard, StepLoss
 from pfl.method.flows import GaussianEncoder, PromptFlow
 from pfl.method.losses import LossTerms, bayes_pfl_loss
+from pfl.method.maps import fused_maps
 from pfl.method.official import SecondStageHead, official_init
 from pfl.method.prompts import PromptBank, PromptTemplates
 from pfl.method.rca import RCA, LayerProjections
@@ -97,6 +103,8 @@ class BayesPFLOutput:
         flow_losses: ``{"isd": (N,), "normal": (N or 1,), "abnormal": (N or 1,)}`` flow losses.
         banks: ``(B',)`` the bank indices the pairs use (one in training).
         n_samples: R.
+        map_std: ``(N, S, S)`` per-pixel standard deviation over the R samples of the
+            per-sample map (:func:`pfl.method.maps.fused_maps`), when asked for, else None.
     """
 
     anomaly_map: Tensor
@@ -108,28 +116,7 @@ class BayesPFLOutput:
     flow_losses: dict[str, Tensor]
     banks: Tensor
     n_samples: int
-
-
-def mean_sigmoid_upsampled(
-    diff: Tensor, size: tuple[int, int], align_corners: bool = False,
-    max_elements: int = 2**21,
-) -> Tensor:
-    """``mean_m sigmoid(up(diff[..., m, :, :]))``: ``(..., M, h, w) -> (..., H, W)``.
-
-    Bilinear upsampling to ``size``. The rows are processed in chunks of at most
-    ``max_elements`` upsampled values (in practice one (image, layer) row of M maps): this
-    bounds memory at 518 px (one image's 4 layers x 30 pairs are 32 M values) and keeps each
-    chunk near the CPU cache, which measured ~3x faster than whole batches on the smoke
-    profile. The chunks change nothing else (tested).
-    """
-    *lead, m, h, w = diff.shape
-    flat = diff.reshape(-1, m, h, w)
-    rows = max(1, max_elements // (m * size[0] * size[1]))
-    parts = [
-        F.interpolate(c, size=size, mode="bilinear", align_corners=align_corners)
-        .sigmoid_().mean(1) for c in flat.split(rows)
-    ]
-    return torch.cat(parts).reshape(*lead, *size)
+    map_std: Tensor | None = None
 
 
 def _init_linear(module: nn.Module, generator: torch.Generator) -> None:
@@ -317,9 +304,14 @@ class BayesPFL(nn.Module):
         ids, eot = ids.to(dev), eot.to(dev)
         tok = self.backbone.token_embedding(ids).to(self.bank.context.dtype)
         seq = self.bank.sequences(tok, isd, iad, start=1)  # (N, B, R, 2, L, D)
-        n, b, r = seq.shape[:3]
-        flat = seq.reshape(-1, *seq.shape[-2:])
-        feats = self.backbone.encode_text_embeddings(flat, eot.repeat_interleave(b * r * 2))
+        n, b, r, _, length, d = seq.shape
+        # Normal and abnormal prompts share [SOS] and the P context tokens (with their ISD
+        # draw): that prefix runs through the text tower once per (image, bank, sample).
+        p0 = 1 + self.cfg.n_ctx
+        prefix = seq[:, :, :, 0, :p0].reshape(-1, p0, d)
+        suffix = seq[..., p0:, :].reshape(-1, 2, length - p0, d)
+        eot = eot.repeat_interleave(b * r)
+        feats = self.backbone.encode_text_shared_prefix(prefix, suffix, eot)
         return feats.to(tok.dtype).view(n, b, r, 2, -1)
 
     # --- forward -----------------------------------------------------------------------------
@@ -335,7 +327,8 @@ class BayesPFL(nn.Module):
                          seeds: Sequence[int] | Tensor | None = None,
                          generator: torch.Generator | None = None,
                          bank_index: int | None = None, n_samples: int | None = None,
-                         share_iad: bool | None = None) -> BayesPFLOutput:
+                         share_iad: bool | None = None,
+                         map_std: bool = False) -> BayesPFLOutput:
         """The model on precomputed image features (:meth:`Backbone.encode_image`).
 
         Args:
@@ -349,6 +342,11 @@ class BayesPFL(nn.Module):
                 ``generator``); inference: None uses all B, an int restricts to that one.
             n_samples: R (default ``mc_train`` in training, ``mc_test`` at inference).
             share_iad: one IAD draw for all images (default ``cfg.share_iad_samples``).
+            map_std: also give ``map_std``, the per-pixel spread over the R samples (from the
+                same fused pass as the maps; costs ~30 % of the map step on a CPU).
+
+        The head computes in its parameters' dtype whatever the features' (e.g. half
+        precision features under ``torch.autocast``, see :meth:`predict`).
         """
         dtype = self.tau_pix.dtype  # the model's compute dtype (float64 in smoke)
         g, patches = feats.global_.to(dtype), feats.patches.to(dtype)
@@ -380,9 +378,10 @@ class BayesPFL(nn.Module):
         refined = self.rca(pairs.reshape(n, 2 * M, -1), fs).view(n, fs.shape[1], M, 2, -1)
         diff = torch.einsum("nlte,nlme->nlmt", fs, refined[..., 1, :] - refined[..., 0, :])
         gh, gw = self.backbone.grid
-        diff = (self.tau_pix.exp() * diff).reshape(n, fs.shape[1], M, gh, gw)
+        diff = (self.tau_pix.exp() * diff.to(dtype)).reshape(n, fs.shape[1], M, gh, gw)
         S = self.backbone.image_size
-        layer_maps = mean_sigmoid_upsampled(diff, (S, S), self.cfg.official_compat)
+        maps = fused_maps(diff, (S, S), self.cfg.official_compat, n_samples=R if map_std else None)
+        layer_maps = maps.layer_maps
 
         # Global logits through phi (REFERENCE.md "Maps, scores, losses").
         t_img = F.normalize(self.phi(pairs), dim=-1)
@@ -393,7 +392,7 @@ class BayesPFL(nn.Module):
         return BayesPFLOutput(
             anomaly_map=layer_maps.mean(1), layer_maps=layer_maps, pixel_logits=diff,
             global_logits=glob, score=score, text_features=text, flow_losses=flow_losses,
-            banks=banks, n_samples=R,
+            banks=banks, n_samples=R, map_std=maps.sample_std,
         )
 
     @property
@@ -489,15 +488,38 @@ class BayesPFL(nn.Module):
         only), so a rank of a sharded evaluation starts where one process would be."""
 
     def predict(self, batch: Batch, generator: torch.Generator,
-                n_samples: int | None = None) -> Prediction:
+                n_samples: int | None = None, *, map_std: bool = False,
+                precision: str | None = None) -> Prediction:
         """Anomaly maps ``(N, S, S)`` and global scores ``(N,)`` (no gradients).
 
         The run's seed is ``generator.initial_seed()`` (the generator's state is not used), so
         each image's noise depends on that seed and the image only
         (:mod:`pfl.method.sampling`): any batching or order gives the same maps and scores.
-        ``n_samples``: R (default ``cfg.mc_test``; ``EvalConfig.mc_samples`` in evaluation).
+
+        Args:
+            n_samples: R (default ``cfg.mc_test``; ``EvalConfig.mc_samples`` in evaluation).
+            map_std: also fill ``Prediction.map_std`` (per-pixel standard deviation over the R
+                Monte Carlo samples of the per-sample map).
+            precision: None computes in the parameters' dtype; ``"fp16"`` or ``"bf16"`` runs
+                the towers, RCA and the logits under ``torch.autocast`` in that half
+                precision (for GPUs; the upsampling, sigmoid and means stay in the
+                parameters' dtype). Its error against full precision is measured by
+                ``benchmarks/inference.py --half``.
         """
-        with torch.no_grad():
+        with torch.no_grad(), half_precision(self.tau_pix.device, precision):
             out = self.forward_features(self._batch_features(batch), batch.cls_names,
-                                        seed=generator.initial_seed(), n_samples=n_samples)
-        return Prediction(maps=out.anomaly_map, scores=out.score)
+                                        seed=generator.initial_seed(), n_samples=n_samples,
+                                        map_std=map_std)
+        return Prediction(maps=out.anomaly_map, scores=out.score, map_std=out.map_std)
+
+
+HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def half_precision(device: torch.device, precision: str | None):
+    """``torch.autocast`` to ``HALF[precision]`` on ``device``; a no-op context for None."""
+    if precision is None:
+        return nullcontext()
+    if precision not in HALF:
+        raise ValueError(f"precision {precision!r}: use None, 'fp16' or 'bf16'")
+    return torch.autocast(device_type=device.type, dtype=HALF[precision])

@@ -1,0 +1,204 @@
+"""Anomaly maps from patch-level logit differences, fused: upsample -> sigmoid -> mean.
+
+REFERENCE.md "Maps, scores, losses": the abnormal probability of one (normal, abnormal) prompt
+pair at one layer is ``sigmoid(up(d))``, ``d`` the abnormal minus normal pixel logit on the
+``h x w`` patch grid and ``up`` bilinear upsampling to the ``H x W`` image; the anomaly map is
+the mean over layers and the ``M = B x R`` pairs. The sigmoid is not linear, so the mean
+cannot move before the upsampling: every pair needs its own full-resolution probabilities.
+Stored, they are ``L x M x H x W`` values per image (4 x 30 x 518 x 518 = 32 M at 518 px),
+and producing, storing and re-reading them was most of Bayes-PFL's inference time on a CPU.
+
+:func:`fused_maps` never stores them. Bilinear upsampling is separable and local: with the
+``(W, w)`` interpolation matrix ``A_w`` (two non-zeros a row) the columns are upsampled once on
+the patch grid, ``Y = d A_w^T`` (``h x W`` per pair, small), and output row ``i`` is
+``Y[k_i] + lambda_i (Y[k_i + 1] - Y[k_i])``. Output rows are processed in blocks; a block's
+pair probabilities are made (on a CPU: one multiply-add per block of rows that share their
+source rows; elsewhere one matmul with the block's rows of ``A_h``), passed through the
+sigmoid and reduced (mean over pairs per layer; optionally the per-sample maps' spread) while
+they are still in cache, then dropped. The result equals :func:`mean_sigmoid_reference` to rounding
+(tested: 1e-6 in float32, 1e-12 in float64).
+
+The per-pixel uncertainty :attr:`FusedMaps.sample_std` is the standard deviation over the R
+Monte Carlo samples of the per-sample map (sample r's map: mean over layers and the B bank
+prompts of its pairs ``m = b R + r``), i.e. how much the prompt-flow draws disagree at that
+pixel. It comes from the same blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Elements of one block of pair probabilities. CPU: small enough to stay in L2 (one image's
+# 4 layers x 30 pairs x ~14 rows x 224 columns is ~376 k values). GPU: large enough that a few
+# dozen launches cover a batch, small enough that no batch-sized buffer appears.
+CPU_BLOCK = 2**19
+GPU_BLOCK = 2**23
+
+
+@dataclass
+class FusedMaps:
+    """What :func:`fused_maps` gives for ``diff (N, L, M, h, w)``.
+
+    Attributes:
+        layer_maps: ``(N, L, H, W)`` mean over the M pairs of ``sigmoid(up(diff))``.
+        sample_std: ``(N, H, W)`` standard deviation over the R samples of the per-sample map
+            (population form, divisor R; zero for R = 1), or None when not asked for.
+    """
+
+    layer_maps: Tensor
+    sample_std: Tensor | None = None
+
+
+def interpolation_matrix(n_in: int, n_out: int, align_corners: bool = False,
+                         dtype: torch.dtype | None = None,
+                         device: torch.device | str | None = None) -> Tensor:
+    """``(n_out, n_in)`` matrix of 1-D linear interpolation, as ``F.interpolate`` computes it.
+
+    Source coordinate of output ``i``: ``(i + 0.5) n_in / n_out - 0.5`` clamped at 0
+    (``align_corners=False``), or ``i (n_in - 1) / (n_out - 1)`` (``align_corners=True``);
+    weights ``1 - lambda`` and ``lambda`` on the two neighbouring inputs. Built in float64.
+    """
+    k0, k1, lam = _source_rows(n_in, n_out, align_corners)
+    rows = torch.arange(n_out)
+    mat = torch.zeros(n_out, n_in, dtype=torch.float64)
+    mat.index_put_((rows, k0), 1 - lam, accumulate=True)
+    mat.index_put_((rows, k1), lam, accumulate=True)
+    return mat.to(dtype=dtype or torch.get_default_dtype(), device=device)
+
+
+def _source_rows(n_in: int, n_out: int, align_corners: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Lower source index ``k0``, upper ``k1`` and weight ``lambda`` of every output index."""
+    i = torch.arange(n_out, dtype=torch.float64)
+    if align_corners:
+        src = i * ((n_in - 1) / (n_out - 1)) if n_out > 1 else torch.zeros_like(i)
+    else:
+        src = ((i + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
+    k0 = src.floor().long().clamp(max=n_in - 1)
+    k1 = (k0 + 1).clamp(max=n_in - 1)
+    return k0, k1, src - k0
+
+
+def mean_sigmoid_reference(diff: Tensor, size: tuple[int, int],
+                           align_corners: bool = False) -> Tensor:
+    """Plain ``mean_m sigmoid(up(diff[..., m, :, :]))``: ``(..., M, h, w) -> (..., H, W)``.
+
+    Every pair's full-resolution map is made at once; the reference for :func:`fused_maps`.
+    """
+    *lead, m, h, w = diff.shape
+    up = F.interpolate(diff.reshape(-1, m, h, w), size=size, mode="bilinear",
+                       align_corners=align_corners)
+    return up.sigmoid().mean(1).reshape(*lead, *size)
+
+
+def sample_std_reference(diff: Tensor, size: tuple[int, int], n_samples: int,
+                         align_corners: bool = False) -> Tensor:
+    """Per-sample loop: for each r the map ``mean_{l, b} sigmoid(up(diff[:, l, b R + r]))``,
+    then the standard deviation over r (divisor R). ``(N, L, M, h, w) -> (N, H, W)``."""
+    n, n_layers, m = diff.shape[:3]
+    per_sample = []
+    for r in range(n_samples):
+        pairs = diff[:, :, r::n_samples]  # bank-major order: pair b R + r for b = 0..B-1
+        per_sample.append(mean_sigmoid_reference(pairs, size, align_corners).mean(1))
+    return torch.stack(per_sample).std(0, correction=0)
+
+
+def _row_blocks(k0: list[int], rows_per_block: int) -> list[tuple[int, int]]:
+    """Blocks ``[i, j)`` of at most ``rows_per_block`` output rows (at least one row).
+
+    A run of rows with the same source row ``k0`` is cut into pieces when it is longer; short
+    runs are merged while they fit.
+    """
+    starts = [0] + [i for i in range(1, len(k0)) if k0[i] != k0[i - 1]] + [len(k0)]
+    pieces = [(i, min(i + rows_per_block, b)) for a, b in zip(starts[:-1], starts[1:])
+              for i in range(a, b, rows_per_block)]
+    blocks = [pieces[0]]
+    for i, j in pieces[1:]:
+        if j - blocks[-1][0] <= rows_per_block:
+            blocks[-1] = (blocks[-1][0], j)
+        else:
+            blocks.append((i, j))
+    return blocks
+
+
+def fused_maps(diff: Tensor, size: tuple[int, int], align_corners: bool = False,
+               n_samples: int | None = None, block_elements: int | None = None,
+               row_step: str | None = None) -> FusedMaps:
+    """Per-layer maps (and optionally the per-sample spread) without per-pair maps in memory.
+
+    Args:
+        diff: ``(N, L, M, h, w)`` abnormal minus normal pixel logits; pairs ordered bank-major
+            (``m = b R + r``).
+        size: ``(H, W)`` output size.
+        align_corners: as ``F.interpolate`` (``official_compat`` uses True).
+        n_samples: R; when given, also :attr:`FusedMaps.sample_std` (M must be a multiple).
+        block_elements: pair probabilities per block (default :data:`CPU_BLOCK` on a CPU,
+            :data:`GPU_BLOCK` otherwise). Changes speed and memory only (tested).
+        row_step: how output rows are made from the column-upsampled rows: ``"lerp"`` (one
+            multiply-add where a block shares its source rows; fastest on a CPU) or
+            ``"matmul"`` (one matmul per block; fewest launches on a GPU). None: by device.
+            Changes speed only (tested).
+
+    Returns:
+        :class:`FusedMaps`; ``layer_maps.mean(1)`` is the anomaly map.
+    """
+    if diff.dim() != 5:
+        raise ValueError(f"fused_maps: diff must be (N, L, M, h, w), got {tuple(diff.shape)}")
+    n, n_layers, m, h, w = diff.shape
+    H, W = size
+    if n_samples is not None and (n_samples < 1 or m % n_samples):
+        raise ValueError(f"fused_maps: {m} pairs are not B x R for R = {n_samples}")
+    on_cpu = diff.device.type == "cpu"
+    budget = block_elements or (CPU_BLOCK if on_cpu else GPU_BLOCK)
+    if row_step not in (None, "lerp", "matmul"):
+        raise ValueError(f"fused_maps: row_step {row_step!r}: use 'lerp', 'matmul' or None")
+    lerp = on_cpu if row_step is None else row_step == "lerp"
+    # In diff's own dtype even under torch.autocast (which would run the matmul in half).
+    with torch.autocast(device_type=diff.device.type, enabled=False):
+        return _fused_maps(diff, size, align_corners, n_samples, budget, lerp)
+
+
+def _fused_maps(diff: Tensor, size: tuple[int, int], align_corners: bool,
+                n_samples: int | None, budget: int, lerp: bool) -> FusedMaps:
+    n, n_layers, m, h, w = diff.shape
+    H, W = size
+    dev, dt = diff.device, diff.dtype
+    a_w = interpolation_matrix(w, W, align_corners, dt, dev)
+    a_h = interpolation_matrix(h, H, align_corners, dt, dev)
+    k0, _, lam = _source_rows(h, H, align_corners)
+    k0 = k0.tolist()
+    lam = lam.to(dtype=dt, device=dev)
+
+    per_row = n_layers * m * W  # pair probabilities of one output row of one image
+    if per_row * H <= budget:  # whole images per block
+        images, rows = max(1, budget // (per_row * H)), H
+    else:
+        images, rows = 1, max(1, budget // per_row)
+    blocks = _row_blocks(k0, rows)
+
+    layer_maps = diff.new_empty(n, n_layers, H, W)
+    std = diff.new_empty(n, H, W) if n_samples is not None else None
+    for n0 in range(0, n, images):
+        n1 = min(n, n0 + images)
+        # Columns first, on the patch grid: Y (n', L, M, h, W).
+        y = diff[n0:n1] @ a_w.T
+        if lerp:  # output row i = Y[k] + lambda_i (Y[k + 1] - Y[k]); zero step on the last row
+            dy = torch.cat([y[..., 1:, :] - y[..., :-1, :], torch.zeros_like(y[..., :1, :])], -2)
+        for i, j in blocks:
+            if lerp and k0[i] == k0[j - 1]:
+                # One source row pair: one broadcast multiply-add (fewest memory passes).
+                k = k0[i]
+                z = torch.addcmul(y[..., k:k + 1, :], lam[i:j, None], dy[..., k:k + 1, :])
+            else:
+                # Rows of A_h restricted to the source rows they touch: one matmul.
+                lo, hi = k0[i], min(h, k0[j - 1] + 2)
+                z = a_h[i:j, lo:hi] @ y[..., lo:hi, :]
+            z = z.sigmoid_()  # (n', L, M, rows, W): this block's pair probabilities
+            layer_maps[n0:n1, :, i:j] = z.mean(2)
+            if std is not None:
+                per_sample = z.unflatten(2, (m // n_samples, n_samples)).mean((1, 2))
+                std[n0:n1, i:j] = per_sample.var(1, correction=0).sqrt_()
+    return FusedMaps(layer_maps, std)
