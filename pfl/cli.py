@@ -108,6 +108,9 @@ def _add_data(sub) -> None:
     c.add_argument("dataset", help="registry name or published name, e.g. mvtec, VisA")
     c.add_argument("--root", required=True, help="the dataset's folder as published")
     c.add_argument("--out", default=None, help="folder for meta.json if root is read-only")
+    c.add_argument("--check", action="store_true",
+                   help="first open every image and mask and check each mask has its image's "
+                   "size; list the files that fail and write nothing if any does")
     c.set_defaults(func=_run_data_convert)
 
 
@@ -140,7 +143,7 @@ def _run_data_convert(args) -> int:
     from pfl.data.adapters import convert
 
     try:
-        print(convert(args.dataset, args.root, out=args.out))
+        print(convert(args.dataset, args.root, out=args.out, check=args.check))
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

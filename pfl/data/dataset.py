@@ -156,6 +156,19 @@ def _mask_size_message(mask: Path, msize, image: Path, isize) -> str:
             "--skip-bad), or pass resize_masks=True to resize it")
 
 
+def check_sample_files(root: str | os.PathLike, img_path: str, mask_path: str = "", *,
+                       decode: bool = True, resize_masks: bool = False) -> None:
+    """Raise :class:`BadSampleError` naming the file unless the image ``root/img_path`` (and
+    the mask ``root/mask_path``, if given) exists and opens (``decode``: decodes fully, so a
+    truncated file fails; else the header only) and the mask has the image's size (unless
+    ``resize_masks``)."""
+    root = Path(root)
+    paths = [root / img_path] + ([root / mask_path] if mask_path else [])
+    sizes = [(_read_image(p) if decode else _image_header(p)).size for p in paths]
+    if len(sizes) == 2 and sizes[0] != sizes[1] and not resize_masks:
+        raise BadSampleError(_mask_size_message(paths[1], sizes[1], paths[0], sizes[0]))
+
+
 def _mask_array(pil: Image.Image) -> np.ndarray:
     """Any mask image (L, 1, P, I;16, RGB) as a 2-D float array; nonzero/bright = anomalous."""
     if pil.mode in ("RGB", "RGBA", "LA"):
@@ -247,12 +260,9 @@ class AnomalyDataset(torch.utils.data.Dataset):
         return out
 
     def _check_sample(self, s: dict, decode: bool) -> None:
-        paths = [self.root / s["img_path"]]
-        if s["mask_path"] and self.pixel_labels:
-            paths.append(self.root / s["mask_path"])
-        sizes = [(_read_image(p) if decode else _image_header(p)).size for p in paths]
-        if len(sizes) == 2 and sizes[0] != sizes[1] and not self.resize_masks:
-            raise BadSampleError(_mask_size_message(paths[1], sizes[1], paths[0], sizes[0]))
+        mask = s["mask_path"] if self.pixel_labels else ""
+        check_sample_files(self.root, s["img_path"], mask, decode=decode,
+                           resize_masks=self.resize_masks)
 
     def _drop_bad(self) -> None:
         bad = dict(self.problems(decode=True))
