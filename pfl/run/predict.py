@@ -267,8 +267,7 @@ def predict_images(method: Method, images: Sequence[str | Path] | Inputs, out_di
         columns = ["path", "overlay", "score", "map_max", "anomalous", "std_mean", "std_max",
                    "skipped"]
         table = pd.DataFrame(rows)
-        table = table.reindex(columns=[c for c in columns if c in table or c == "skipped"])
-        table["skipped"] = table["skipped"].fillna("")
+        table = table.reindex(columns=[c for c in columns if c in table])
         atomic_write(tmp / "scores.csv", lambda p: table.to_csv(p, index=False))
         publish(tmp, out, overwrite)
     finally:
@@ -295,6 +294,7 @@ def _write_one(folder: Path, item: InputImage, pil: Image.Image, smoothed: np.nd
         save_figure(fig, folder / f"{item.name}_overlay.png")
         plt.close(fig)
         row["overlay"] = f"{item.name}_overlay.png"
+    row["skipped"] = ""
     return row
 
 

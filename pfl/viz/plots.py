@@ -211,29 +211,38 @@ def plot_prediction(blended, score: float, threshold: float | None = None, title
 
     img = np.asarray(blended)
     aspect = img.shape[1] / img.shape[0]
+    # Fixed layout (inches), no tight_layout: it is cheap, and it is the same for every image.
+    w = min(height * aspect, 8.0)
+    h = w / aspect
     panels = 1 if std_map is None else 2
-    width = panels * (height * aspect + 0.9)
-    fig, axes = plt.subplots(1, panels, figsize=(width, height + 0.5), squeeze=False)
-    ax = axes[0, 0]
+    fig_w, fig_h = panels * (w + 1.05) + 0.1, h + 0.6
+    fig = plt.figure(figsize=(fig_w, fig_h))
+
+    def panel(k):
+        x0 = 0.1 + k * (w + 1.05)
+        ax = fig.add_axes((x0 / fig_w, 0.1 / fig_h, w / fig_w, h / fig_h))
+        cax = fig.add_axes(((x0 + w + 0.08) / fig_w, 0.1 / fig_h, 0.12 / fig_w, h / fig_h))
+        ax.set_xticks([])
+        ax.set_yticks([])
+        return ax, cax
+
+    ax, cax = panel(0)
     ax.imshow(img)
-    fig.colorbar(ScalarMappable(Normalize(0, 1), cmap), ax=ax, fraction=0.046, pad=0.03,
-                 label="abnormal probability")
+    fig.colorbar(ScalarMappable(Normalize(0, 1), cmap), cax=cax, label="abnormal probability")
     verdict = ""
     if threshold is not None:
         verdict = (f" \u2265 {threshold:.2f}: anomalous" if score >= threshold
                    else f" < {threshold:.2f}: normal")
-    ax.set_title(f"{_short(title, 40)}\nscore {score:.3f}{verdict}", fontsize=8)
+    chars = max(12, int((w + 0.9) * 13))
+    ax.set_title(f"{_short(title, chars)}\nscore {score:.3f}{verdict}", fontsize=8)
     if std_map is not None:
         sd = np.asarray(std_map, dtype=np.float64)
         top = float(sd.max()) if sd.max() > 0 else 1.0
-        im = axes[0, 1].imshow(sd, cmap="magma", vmin=0, vmax=top,
-                               extent=(0, img.shape[1], img.shape[0], 0))
-        fig.colorbar(im, ax=axes[0, 1], fraction=0.046, pad=0.03, label="std over R samples")
-        axes[0, 1].set_title(f"uncertainty\nmean std {sd.mean():.3f}", fontsize=8)
-    for a in axes[0]:
-        a.set_xticks([])
-        a.set_yticks([])
-    fig.tight_layout()
+        ax2, cax2 = panel(1)
+        im = ax2.imshow(sd, cmap="magma", vmin=0, vmax=top,
+                        extent=(0, img.shape[1], img.shape[0], 0))
+        fig.colorbar(im, cax=cax2, label="std over R samples")
+        ax2.set_title(f"uncertainty\nmean std {sd.mean():.3f}", fontsize=8)
     return fig
 
 
