@@ -289,8 +289,9 @@ def _write_one(folder: Path, item: InputImage, pil: Image.Image, smoothed: np.nd
         dest.parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(dest, mean=smoothed.astype(np.float32), std=std.astype(np.float32))
     if write_overlays:
-        fig = plot_prediction(overlay(pil, smoothed), score, threshold=threshold,
-                              title=item.path.name, std_map=std)
+        title = (Path(item.name).parent / item.path.name).as_posix()  # e.g. good/000.png
+        fig = plot_prediction(overlay(pil, smoothed), score, threshold=threshold, title=title,
+                              std_map=std)
         save_figure(fig, folder / f"{item.name}_overlay.png")
         plt.close(fig)
         row["overlay"] = f"{item.name}_overlay.png"
