@@ -36,10 +36,10 @@ def _run_demo(args) -> int:
     return 0
 
 
-def _add_pretrain(sub) -> None:
+def _add_pretrain(sub, fields: bool = True) -> None:
+    """``fields``: one flag per PretrainConfig field; False skips importing it (torch and
+    open_clip, seconds) when another command runs."""
     import dataclasses
-
-    from pfl.clip.pretrain import PretrainConfig
 
     p = sub.add_parser("pretrain", help="pretrain the tiny CLIP on procedural patterns (resumable)")
     p.add_argument("--out", default="runs/tiny_clip", help="folder for checkpoints and weights")
@@ -50,6 +50,11 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--machine", default=None, help="machine description for the record")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: on a terminal)")
+    p.set_defaults(func=_run_pretrain)
+    if not fields:
+        return
+    from pfl.clip.pretrain import PretrainConfig
+
     # One flag per PretrainConfig field, so the defaults live in one place.
     for f in dataclasses.fields(PretrainConfig):
         default = getattr(PretrainConfig(), f.name)
@@ -63,7 +68,6 @@ def _add_pretrain(sub) -> None:
         else:
             p.add_argument(flag, type=type(default), default=None, dest=f.name,
                            help=f"default {default}")
-    p.set_defaults(func=_run_pretrain)
 
 
 def _int_or_none(text: str) -> int | str:
@@ -215,6 +219,9 @@ def _add_evaluate(sub) -> None:
 
 
 def _run_evaluate(args) -> int:
+    from pfl.run.inputs import check_run
+
+    check_run(args.checkpoint)  # at once, before torch loads; the datasets are checked next
     from pfl.run.evaluate import evaluate_run, summary_frame
 
     out = args.out or f"{args.checkpoint}/eval"
@@ -260,9 +267,15 @@ def _add_predict(sub) -> None:
 
 
 def _run_predict(args) -> int:
+    from pfl.run.inputs import check_inputs, check_run
+
+    # Checked before torch and the model load, so a mistake is answered at once.
+    check_run(args.checkpoint)
+    inputs = check_inputs(args.images, args.out, skip_bad=args.skip_bad,
+                          overwrite=args.overwrite)
     from pfl.run.predict import predict_checkpoint
 
-    table = predict_checkpoint(args.checkpoint, args.images, args.out,
+    table = predict_checkpoint(args.checkpoint, inputs, args.out,
                                class_name=args.class_name, threshold=args.threshold,
                                skip_bad=args.skip_bad, uncertainty=args.uncertainty,
                                overwrite=args.overwrite, mc_samples=args.mc_samples,
@@ -326,7 +339,8 @@ def _run_figures(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``argv``, the pretrain flags are only built when it names pretrain."""
     from pfl import __version__
 
     parser = argparse.ArgumentParser(prog="pfl", description=DESCRIPTION, epilog=EPILOG,
@@ -334,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pfl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_demo(sub)
-    _add_pretrain(sub)
+    _add_pretrain(sub, fields=argv is None or "pretrain" in argv)
     _add_data(sub)
     _add_train(sub)
     _add_evaluate(sub)
@@ -349,7 +363,8 @@ USER_ERRORS = (OSError, ValueError)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     try:
         return args.func(args)
     except USER_ERRORS as e:

@@ -8,9 +8,12 @@ import random
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -18,6 +21,8 @@ def seed_everything(seed: int) -> torch.Generator:
 
     Pass the returned generator to every random draw (STYLE.md, habit 4).
     """
+    import torch  # here, not at the top: the command line checks files without waiting for it
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -25,6 +30,8 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def default_device() -> torch.device:
+    import torch
+
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 

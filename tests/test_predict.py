@@ -13,8 +13,9 @@ from PIL import Image
 
 from pfl import cli, config
 from pfl.method.contract import Prediction
-from pfl.run import checkpoints, evaluate, predict
-from pfl.run.predict import collect_images, overlay, predict_images
+from pfl.run import checkpoints, evaluate, inputs, predict
+from pfl.run.inputs import collect_images
+from pfl.run.predict import overlay, predict_images
 from pfl.viz.plots import plot_prediction
 
 
@@ -328,6 +329,22 @@ def test_evaluate_datasets_take_names_or_paths(tmp_path, monkeypatch):
     assert evaluate.resolve_datasets(profile, ["mvtec"]) == {"mvtec": elsewhere}
     with pytest.raises(ValueError, match="two datasets are named 'mine'"):
         evaluate.resolve_datasets(profile, ["mine", str(_data(tmp_path / "y", "mine"))])
+
+
+def test_run_file_names_agree():
+    assert (inputs.CHECKPOINT, inputs.CONFIG) == (checkpoints.CHECKPOINT, checkpoints.CONFIG)
+
+
+def test_input_checks_need_no_torch():
+    """The checks run before torch loads (its import alone took 7-20 s on a busy machine)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; from pfl.run.inputs import check_inputs, check_run; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True,
+                   env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parents[1])})
 
 
 def test_version_and_help_are_for_users(capsys):

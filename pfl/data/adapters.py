@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pfl.data.dataset import BadSampleError, check_sample_files
 from pfl.utils import atomic_write_json
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
@@ -480,6 +479,9 @@ def convert(name: str, root: str | os.PathLike, out: str | os.PathLike | None = 
 def check_files(meta: dict, base: str | os.PathLike) -> list[tuple[str, str]]:
     """``(img_path, reason)`` for each sample of ``meta`` (paths relative to ``base``) whose
     image or mask does not decode, or whose mask is not the size of its image."""
+    # Imported here: pfl.data.dataset imports torch, which `pfl --help` should not wait for.
+    from pfl.data.dataset import BadSampleError, check_sample_files
+
     problems = []
     for split in ("train", "test"):
         for rows in meta.get(split, {}).values():

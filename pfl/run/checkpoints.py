@@ -78,31 +78,3 @@ def load_run(path: str | Path, backbone=None) -> tuple[Method, Profile]:
     method = build_method(run["method"], profile, backbone, model_cfg)
     return load_checkpoint(method, path), profile
 
-
-def check_run(path: str | Path) -> dict:
-    """The ``config.json`` of run folder ``path`` (or of the folder of a checkpoint file), after
-    checking that the folder, its config and its checkpoint exist: a ``FileNotFoundError`` or
-    ``ValueError`` naming what is missing and how to get it, before any model loads."""
-    path = Path(path)
-    how = (f"pass the folder that `python -m pfl train --out DIR` wrote (it holds {CHECKPOINT} "
-           f"and {CONFIG}), or its {CHECKPOINT}")
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist: {how}")
-    folder, ckpt = (path, path / CHECKPOINT) if path.is_dir() else (path.parent, path)
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"{folder} holds no {CHECKPOINT}: {how}")
-    cfg_path = folder / CONFIG
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path} is missing: {how}")
-    try:
-        run = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cfg_path} is not valid JSON ({e}): retrain, or restore the file "
-                         "that pfl train wrote") from e
-    if not isinstance(run, dict) or "method" not in run:
-        raise ValueError(f"{cfg_path} names no method: it is not the config.json of a run "
-                         "folder; " + how)
-    if run.get("profile") is None:
-        raise ValueError(f"{path} was trained without a profile in config.json; rebuild the "
-                         "method yourself and call pfl.run.checkpoints.load_checkpoint")
-    return run

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from pfl.config import EvalConfig, Profile
 from pfl.data.preprocess import denormalize
 from pfl.method.contract import Method
-from pfl.run.checkpoints import check_run, load_run
+from pfl.run.checkpoints import load_run
 from pfl.run.features import (
     FeatureStore,
     data_root,
@@ -48,6 +48,7 @@ from pfl.run.features import (
     profile_store,
     progress_enabled,
 )
+from pfl.run.inputs import check_run
 from pfl.run.metrics import METRICS, evaluate_records, image_metrics
 from pfl.run.postprocess import (
     IMAGE_SCORES,

@@ -35,7 +35,7 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -49,126 +49,17 @@ from pfl.clip.backbone import ImageFeatures
 from pfl.config import EvalConfig
 from pfl.data.preprocess import image_to_tensor, to_pil_rgb
 from pfl.method.contract import Batch, Method
-from pfl.run.checkpoints import check_run, load_run
+from pfl.run.checkpoints import load_run
 from pfl.run.features import progress_enabled
+from pfl.run.inputs import InputImage, Inputs, check_inputs, check_output, check_run, decode_image
 from pfl.run.postprocess import scaled_sigma, smooth_maps
 from pfl.utils import atomic_write
 from pfl.viz.plots import plot_prediction, save_figure
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-
-
-@dataclass(frozen=True)
-class InputImage:
-    """One image to score: ``path`` as found, ``name`` the output stem relative to the output
-    folder (POSIX, e.g. ``"good/000_png"``)."""
-
-    path: Path
-    name: str
-
-
-@dataclass
-class Inputs:
-    """Checked inputs of a prediction: the images to score and those skipped, with why."""
-
-    images: list[InputImage]
-    skipped: list[tuple[InputImage, str]] = field(default_factory=list)
-
-
-def output_name(relative: str | Path) -> str:
-    """The output stem of an input path relative to the inputs' common folder: its folders,
-    then its stem and extension joined by ``_`` (extensions hold no ``_``, so two different
-    paths never give one name).
-
-    >>> output_name("test/good/000.png"), output_name("coffee.JPG")
-    ('test/good/000_png', 'coffee_jpg')
-    """
-    p = Path(relative)
-    return (p.parent / f"{p.stem}_{p.suffix.lstrip('.').lower()}").as_posix()
-
-
-def _is_hidden(path: Path, base: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(base).parts)
-
-
-def collect_images(inputs: Sequence[str | Path], exclude: str | Path | None = None
-                   ) -> list[InputImage]:
-    """Image files from files and folders (a folder: its images at any depth, sorted; hidden
-    files and folders, and anything under ``exclude`` (the output folder), are left out).
-
-    Each image's output name mirrors its path relative to the deepest folder holding every
-    input (:func:`output_name`); an image given twice is scored once.
-    """
-    found: list[Path] = []
-    skip = Path(os.path.abspath(exclude)) if exclude is not None else None
-    for item in inputs:
-        p = Path(os.path.abspath(item))
-        if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file()
-                           and f.suffix.lower() in IMAGE_SUFFIXES and not _is_hidden(f, p)
-                           and not (skip is not None and f.is_relative_to(skip)))
-            if not files:
-                raise FileNotFoundError(f"folder {item} holds no images "
-                                        f"({', '.join(IMAGE_SUFFIXES)}): pass image files or "
-                                        "a folder that holds some")
-            found += files
-        elif p.is_file():
-            found.append(p)
-        else:
-            raise FileNotFoundError(f"{item} is neither an image file nor a folder: check the "
-                                    "path given to --images")
-    if not found:
-        raise ValueError("no images given: pass --images with files or a folder")
-    found = list(dict.fromkeys(found))
-    base = Path(os.path.commonpath([f.parent for f in found]))
-    return [InputImage(f, output_name(f.relative_to(base))) for f in found]
-
 
 def read_image(path: str | Path) -> Image.Image:
     """The image at ``path`` fully decoded, as RGB; a ``ValueError`` naming it otherwise."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return to_pil_rgb(im.copy())
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ValueError(f"cannot read image {path} ({type(err).__name__}: {err}); pass only "
-                         "image files (png, jpg, bmp, tif), or --skip-bad to skip it") from err
-
-
-def check_output(out_dir: str | Path, overwrite: bool = False) -> None:
-    """Raise a ``ValueError`` when ``out_dir`` cannot take a prediction: it is a file, or a
-    folder that is not empty (unless ``overwrite``)."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file: give a folder path (it is created)")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"--out {out} exists and is not empty: choose a new folder, or pass "
-                         "--overwrite to replace it")
-
-
-def check_inputs(images: Sequence[str | Path], out_dir: str | Path, *, skip_bad: bool = False,
-                 overwrite: bool = False) -> Inputs:
-    """Everything a prediction needs from the user, checked before any model loads: the images
-    exist and decode (each unreadable one is an error naming it, or with ``skip_bad`` is
-    skipped with the reason) and ``out_dir`` can take the results (:func:`check_output`)."""
-    check_output(out_dir, overwrite)
-    found = collect_images(images, exclude=out_dir)
-    ok, skipped = [], []
-    for item in found:
-        try:
-            read_image(item.path)
-            ok.append(item)
-        except ValueError as err:
-            skipped.append((item, str(err).split("; pass only")[0]))
-    if skipped and not skip_bad:
-        lines = "\n".join(f"  {why}" for _, why in skipped[:10])
-        more = f"\n  ... and {len(skipped) - 10} more" if len(skipped) > 10 else ""
-        raise ValueError(f"{len(skipped)} of {len(found)} images cannot be read:\n{lines}{more}"
-                         "\nremove or replace them, or pass --skip-bad to score the others "
-                         "(scores.csv then lists the skipped files and why)")
-    if not ok:
-        raise ValueError(f"none of the {len(found)} images can be read; nothing to score")
-    return Inputs(ok, skipped)
+    return to_pil_rgb(decode_image(path))
 
 
 def overlay(image: Image.Image, anomaly_map: np.ndarray, alpha: float = 0.5) -> Image.Image:
@@ -299,15 +190,18 @@ def _write_one(folder: Path, item: InputImage, pil: Image.Image, smoothed: np.nd
     return row
 
 
-def predict_checkpoint(checkpoint: str | Path, images: Sequence[str | Path], out_dir: str | Path,
+def predict_checkpoint(checkpoint: str | Path, images: Sequence[str | Path] | Inputs,
+                       out_dir: str | Path,
                        *, class_name: str = "object", threshold: float | None = 0.5,
                        skip_bad: bool = False, uncertainty: bool = False,
                        overwrite: bool = False, mc_samples: int | None = None,
                        progress: bool | None = None) -> pd.DataFrame:
-    """:func:`predict_images` with the method and evaluation config of a training run; the
-    inputs, the output folder and the run folder are checked before the model loads."""
-    inputs = check_inputs(images, out_dir, skip_bad=skip_bad, overwrite=overwrite)
+    """:func:`predict_images` with the method and evaluation config of a training run; the run
+    folder, the output folder and the inputs are checked before the model loads (``images``
+    may be :class:`pfl.run.inputs.Inputs` checked already)."""
     check_run(checkpoint)
+    inputs = images if isinstance(images, Inputs) else check_inputs(
+        images, out_dir, skip_bad=skip_bad, overwrite=overwrite)
     method, profile = load_run(checkpoint)
     cfg = profile.eval
     if mc_samples is not None:
