@@ -16,7 +16,15 @@ Typical start of a notebook or script::
     profile = pfl.setup()  # $PFL_PROFILE or "smoke"; float64 and one thread in smoke
 """
 
-from pfl.runtime import setup
-
 __version__ = "0.1.0"
+
+
+def setup(*args, **kwargs):
+    """:func:`pfl.runtime.setup` (imported on call, so that ``import pfl`` stays light: the
+    command line checks its inputs before torch loads)."""
+    from pfl.runtime import setup as _setup
+
+    return _setup(*args, **kwargs)
+
+
 __all__ = ["setup", "__version__"]

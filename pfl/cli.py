@@ -7,13 +7,24 @@ grouped by command; keep the parsing here and the work in the library.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from pfl.runtime import setup
+DESCRIPTION = """\
+Zero-shot anomaly detection with Bayes-PFL (Bayesian Prompt Flow Learning, CVPR 2025): train
+prompts on one dataset, then find defects in images of objects it has never seen, as a map
+of where and a score of how likely.
+
+Start with `pfl demo` (builds a small offline benchmark, trains, evaluates). On your own
+images: `pfl predict --checkpoint runs/demo/run --images DIR --out DIR`.
+PFL_PROFILE=paper selects the paper's setting (ViT-L-14-336 from a local file, real data)."""
+
+EPILOG = "Run `pfl COMMAND --help` for a command's options."
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="the main job on the active profile (README's first command)")
+    p = sub.add_parser("demo", help="start here: build a small offline benchmark, train, "
+                       "evaluate, write tables")
     p.add_argument("--out", default="runs/demo", help="folder for tables, checkpoints, figures")
     p.set_defaults(func=_run_demo)
 
@@ -25,10 +36,10 @@ def _run_demo(args) -> int:
     return 0
 
 
-def _add_pretrain(sub) -> None:
+def _add_pretrain(sub, fields: bool = True) -> None:
+    """``fields``: one flag per PretrainConfig field; False skips importing it (torch and
+    open_clip, seconds) when another command runs."""
     import dataclasses
-
-    from pfl.clip.pretrain import PretrainConfig
 
     p = sub.add_parser("pretrain", help="pretrain the tiny CLIP on procedural patterns (resumable)")
     p.add_argument("--out", default="runs/tiny_clip", help="folder for checkpoints and weights")
@@ -39,6 +50,11 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--machine", default=None, help="machine description for the record")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: on a terminal)")
+    p.set_defaults(func=_run_pretrain)
+    if not fields:
+        return
+    from pfl.clip.pretrain import PretrainConfig
+
     # One flag per PretrainConfig field, so the defaults live in one place.
     for f in dataclasses.fields(PretrainConfig):
         default = getattr(PretrainConfig(), f.name)
@@ -52,7 +68,6 @@ def _add_pretrain(sub) -> None:
         else:
             p.add_argument(flag, type=type(default), default=None, dest=f.name,
                            help=f"default {default}")
-    p.set_defaults(func=_run_pretrain)
 
 
 def _int_or_none(text: str) -> int | str:
@@ -110,6 +125,9 @@ def _add_data(sub) -> None:
     c.add_argument("dataset", help="registry name or published name, e.g. mvtec, VisA")
     c.add_argument("--root", required=True, help="the dataset's folder as published")
     c.add_argument("--out", default=None, help="folder for meta.json if root is read-only")
+    c.add_argument("--check", action="store_true",
+                   help="first open every image and mask and check each mask has its image's "
+                   "size; list the files that fail and write nothing if any does")
     c.set_defaults(func=_run_data_convert)
 
 
@@ -142,7 +160,7 @@ def _run_data_convert(args) -> int:
     from pfl.data.adapters import convert
 
     try:
-        print(convert(args.dataset, args.root, out=args.out))
+        print(convert(args.dataset, args.root, out=args.out, check=args.check))
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -190,18 +208,25 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--checkpoint", required=True, help="run folder written by `pfl train`")
     p.add_argument("--out", default=None, help="folder for tables and figures "
                    "(default: <checkpoint>/eval)")
-    p.add_argument("--datasets", nargs="+", default=None,
-                   help="dataset folders under the run profile's data root (default: its targets)")
+    p.add_argument("--datasets", nargs="+", default=None, metavar="NAME_OR_PATH",
+                   help="datasets to evaluate: names of folders under the run's data root, or "
+                   "paths of folders holding a meta.json (absolute or relative to here; a "
+                   "bare name is looked up under the data root first). Default: the run's "
+                   "targets")
     p.add_argument("--mc-samples", type=int, default=None,
                    help="R, the prompt samples per image (default: the run's ModelConfig.mc_test)")
     p.add_argument("--image-score", choices=("per_image", "official_minmax", "official"),
                    default=None,
                    help="image score recipe (default: the run's, per_image)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress bars")
     p.set_defaults(func=_run_evaluate)
 
 
 def _run_evaluate(args) -> int:
+    from pfl.run.inputs import check_run
+
+    check_run(args.checkpoint)  # at once, before the model loads; the datasets are checked next
     from pfl.run import distributed
     from pfl.run.evaluate import evaluate_run, summary_frame
 
@@ -211,7 +236,7 @@ def _run_evaluate(args) -> int:
             results, _ = evaluate_run(args.checkpoint, out, datasets=args.datasets,
                                       progress=args.progress, mc_samples=args.mc_samples,
                                       image_score=args.image_score)
-    except (FileNotFoundError, ValueError, distributed.DistributedError) as e:
+    except distributed.DistributedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not distributed.is_main_env():
@@ -222,29 +247,58 @@ def _run_evaluate(args) -> int:
 
 
 def _add_predict(sub) -> None:
-    p = sub.add_parser("predict", help="anomaly maps and scores for your own images")
-    p.add_argument("--checkpoint", required=True, help="run folder written by `pfl train`")
-    p.add_argument("--images", nargs="+", required=True, help="image files and/or folders")
-    p.add_argument("--out", required=True, help="folder for overlays and scores.csv")
+    p = sub.add_parser(
+        "predict", help="anomaly maps and scores for your own images",
+        description="Score your own images with a trained run. Writes into --out one figure "
+        "per image (<name>_<ext>_overlay.png: the image with its anomaly map, a colour bar and "
+        "the score; folders of the input are mirrored) and scores.csv (one row per image). "
+        "Everything appears at once when the run ends; a failed run writes nothing.")
+    p.add_argument("--checkpoint", required=True,
+                   help="run folder written by `pfl train` (e.g. runs/demo/run)")
+    p.add_argument("--images", nargs="+", required=True,
+                   help="image files and/or folders (searched at any depth)")
+    p.add_argument("--out", required=True, help="new or empty folder for the figures and "
+                   "scores.csv")
     p.add_argument("--threshold", type=float, default=0.5,
-                   help="image score at or above which an image is called anomalous")
+                   help="image score at or above which an image is called anomalous "
+                   "(default 0.5)")
     p.add_argument("--class-name", default="object",
                    help="what the images show, e.g. 'bottle' (the prompts are class-aware)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip images that cannot be read instead of stopping; scores.csv "
+                   "lists them with the reason")
+    p.add_argument("--uncertainty", action="store_true",
+                   help="also show the per-pixel standard deviation over the Monte Carlo "
+                   "prompt samples, and save both maps as <name>_<ext>_maps.npz")
+    p.add_argument("--mc-samples", type=int, default=None,
+                   help="R, the prompt samples per image (default: the run's)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it exists and is not empty")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress bar")
     p.set_defaults(func=_run_predict)
 
 
 def _run_predict(args) -> int:
+    from pfl.run.inputs import check_inputs, check_run
+
+    # Checked before torch and the model load, so a mistake is answered at once.
+    check_run(args.checkpoint)
+    inputs = check_inputs(args.images, args.out, skip_bad=args.skip_bad,
+                          overwrite=args.overwrite)
     from pfl.run.predict import predict_checkpoint
 
-    try:
-        table = predict_checkpoint(args.checkpoint, args.images, args.out,
-                                   class_name=args.class_name, threshold=args.threshold)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    n_bad = int((table["anomalous"] == "yes").sum())
-    print(f"{len(table)} images, {n_bad} at or above threshold {args.threshold}")
-    print(f"scores: {args.out}/scores.csv, overlays: {args.out}/*_overlay.png")
+    table = predict_checkpoint(args.checkpoint, inputs, args.out,
+                               class_name=args.class_name, threshold=args.threshold,
+                               skip_bad=args.skip_bad, uncertainty=args.uncertainty,
+                               overwrite=args.overwrite, mc_samples=args.mc_samples,
+                               progress=args.progress)
+    scored = table[table["skipped"] == ""]
+    n_bad = int((scored["anomalous"] == "yes").sum())
+    print(f"{len(scored)} images, {n_bad} at or above threshold {args.threshold}")
+    if len(scored) < len(table):
+        print(f"skipped {len(table) - len(scored)} unreadable images (listed in scores.csv)")
+    print(f"scores: {args.out}/scores.csv, figures: {args.out}/**/*_overlay.png")
     return 0
 
 
@@ -324,11 +378,16 @@ def _run_figures(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pfl", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``argv``, the pretrain flags are only built when it names pretrain."""
+    from pfl import __version__
+
+    parser = argparse.ArgumentParser(prog="pfl", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"pfl {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_demo(sub)
-    _add_pretrain(sub)
+    _add_pretrain(sub, fields=argv is None or "pretrain" in argv)
     _add_data(sub)
     _add_train(sub)
     _add_evaluate(sub)
@@ -338,11 +397,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# A user's mistake (a missing file, a bad path, malformed input) is printed as one line with
+# exit code 2; PFL_DEBUG=1 shows the traceback instead.
+USER_ERRORS = (OSError, ValueError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
+    from pfl.runtime import setup
+
     setup()  # the profile's numerics ($PFL_PROFILE): the notebooks' numbers, from the shell
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        return args.func(args)
+    except USER_ERRORS as e:
+        if os.environ.get("PFL_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -7,6 +7,10 @@ from pfl.clip.backbone import Backbone
 from pfl.config import BackboneConfig
 
 
+# tests/lab/check_lab.py is a script (make check-lab), not a test module.
+collect_ignore = ["lab"]
+
+
 @pytest.fixture(autouse=True)
 def _float32_default():
     """Tests run in torch's float32 default; a test that calls ``pfl.setup("smoke")`` (float64)

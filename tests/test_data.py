@@ -145,17 +145,53 @@ def test_anomaly_without_mask_is_an_error_unless_pixel_labels_false(tmp_path):
     assert not b["has_mask"].any() and b["mask"].sum() == 0 and b["label"].sum() == 4
 
 
-def test_mask_of_wrong_size_is_resized_with_a_warning(tmp_path):
+def test_mask_of_wrong_size_is_an_error_unless_resized_or_skipped(tmp_path):
     make_root(tmp_path, size=20)
     mk = np.zeros((10, 10), np.uint8)
     mk[2:5, 3:7] = 255  # half-size version of the 20 px mask
     Image.fromarray(mk).save(tmp_path / "alpha/3_mask.png")
     ds = AnomalyDataset(tmp_path, image_size=20)
+    with pytest.raises(BadSampleError, match=r"alpha/3_mask.png is 10x10 but its image .*"
+                       r"alpha/3.png is 20x20.*resize_masks=True"):
+        ds[3]
+    # found without decoding (before a model loads), and by the full check
+    for decode in (False, True):
+        [(img, why)] = ds.problems(decode=decode)
+        assert img == "alpha/3.png" and "10x10" in why
+    with pytest.warns(UserWarning, match="skipped 1"):
+        skipped = AnomalyDataset(tmp_path, image_size=20, skip_bad=True)
+    assert skipped.bad == ["alpha/3.png"] and "10x10" in skipped.bad_reasons["alpha/3.png"]
+    ds = AnomalyDataset(tmp_path, image_size=20, resize_masks=True)
+    assert ds.problems() == []
     with pytest.warns(UserWarning, match=r"alpha/3_mask.png is 10x10 but its image is 20x20"):
         s = ds[3]
     full = np.zeros((20, 20), np.uint8)
     full[4:10, 6:14] = 1
     assert torch.equal(s["mask"], torch.from_numpy(full).float())
+
+
+def test_deleted_image_is_found_before_reading(tmp_path):
+    make_root(tmp_path)
+    (tmp_path / "beta/2.png").unlink()
+    [(img, why)] = AnomalyDataset(tmp_path).problems(decode=False)
+    assert img == "beta/2.png" and "beta/2.png is missing: fix meta.json" in why
+
+
+@pytest.mark.parametrize("meta, message", [
+    ({"test": [1, 2, 3]}, r'"test" must map class names to lists of samples, got a list'),
+    ({"test": {"a": {"x": 1}}}, r'"test" / "a" must be a list of samples, got a dict'),
+    ({"test": {"a": [5]}}, r'"test" / "a" sample 0 must be an object'),
+    ({"test": {"a": [{"img_path": "x.png", "cls_name": "a"}]}}, r"lacks \['anomaly'\]"),
+    ({"test": {"a": [{"img_path": 3, "cls_name": "a", "anomaly": 0}]}}, r"must be strings"),
+    ({"test": {"a": [{"img_path": "x", "cls_name": "a", "anomaly": "yes"}]}},
+     r"anomaly must be 0 or 1"),
+    ([1], r"no 'train' or 'test' split"),
+])
+def test_malformed_meta_is_named_with_the_fix(tmp_path, meta, message):
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=message) as err:
+        AnomalyDataset(tmp_path)
+    assert str(tmp_path / "meta.json") in str(err.value) and "pfl data" in str(err.value)
 
 
 @pytest.mark.parametrize("kind", ["0/1", "0/255", "rgb", "16bit"])

@@ -264,3 +264,26 @@ def test_cli_data_convert(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(tmp_path / "meta.json")
     assert main(["data", "convert", "visa", "--root", str(tmp_path)]) == 2
     assert "split_csv/1cls.csv is missing" in capsys.readouterr().err
+
+
+def test_convert_check_opens_images_and_compares_mask_sizes(tmp_path, capsys):
+    from pfl.cli import main
+
+    build_mvtec(tmp_path)
+    assert main(["data", "convert", "mvtec", "--root", str(tmp_path), "--check"]) == 0
+    (tmp_path / "meta.json").unlink()
+    img = next(iter(sorted((tmp_path / "wood/test/hole").glob("*.png"))))
+    mask = tmp_path / "wood/ground_truth/hole" / f"{img.stem}_mask.png"
+    w, h = Image.open(img).size
+    Image.new("L", (w + 3, h)).save(mask)
+    good = next(iter(sorted((tmp_path / "wood/test/good").glob("*.png"))))
+    good.write_bytes(good.read_bytes()[:40])  # truncated
+    capsys.readouterr()
+    assert main(["data", "convert", "mvtec", "--root", str(tmp_path), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert "2 of 10 samples" in err and "no meta.json written" in err
+    assert f"{mask} is {w + 3}x{h} but its image {img} is {w}x{h}" in err
+    assert f"cannot read image {good}" in err
+    assert not (tmp_path / "meta.json").exists()
+    # without --check the index is written (and the dataset names the bad files when read)
+    assert main(["data", "convert", "mvtec", "--root", str(tmp_path)]) == 0

@@ -40,6 +40,11 @@ def test_demo_runs_from_nothing(mini, tmp_path, capsys):
                 "tables/medical_Bayes-PFL.md", "figures/loss_terms.png", "figures/target_cat.png",
                 "run/checkpoint.safetensors", "run/config.json", "run/epochs.csv"):
         assert (tmp_path / "demo" / rel).is_file(), rel
+    assert "trained 1 epochs" in printed
+    # a second demo reuses the finished checkpoint, and says so (it said "trained 1 epochs")
+    run(tmp_path / "demo", profile=mini, progress=False, compare_untrained=False)
+    printed = capsys.readouterr().out
+    assert "reused the finished checkpoint (1 epochs" in printed and "trained 1" not in printed
 
 
 def test_cli_train_evaluate_predict(mini, tmp_path, capsys):
@@ -69,9 +74,24 @@ def test_cli_train_evaluate_predict(mini, tmp_path, capsys):
     scores = pd.read_csv(tmp_path / "pred" / "scores.csv")
     assert len(scores) == 3 and set(scores["anomalous"]) <= {"yes", "no"}
     assert (scores["anomalous"] == "yes").tolist() == (scores["score"] >= 0.3).tolist()
-    assert Image.open(tmp_path / "pred" / "p2_overlay.png").size == (82, 60)
+    assert scores["overlay"].tolist() == [f"p{i}_png_overlay.png" for i in range(3)]
     assert "3 images" in capsys.readouterr().out
+    # the same run with --uncertainty: Bayes-PFL's std over its R samples, or a clear error
+    # when the method gives none (before the map_std of the method lands)
+    code = cli.main(["predict", "--checkpoint", str(run), "--images", str(imgs), "--out",
+                     str(tmp_path / "unc"), "--uncertainty", "--no-progress"])
+    if code == 0:
+        maps = np.load(tmp_path / "unc" / "p0_png_maps.npz")
+        assert maps["std"].shape == maps["mean"].shape and (maps["std"] >= 0).all()
+    else:
+        assert code == 2 and "gives no per-pixel standard deviation" in capsys.readouterr().err
+        assert not (tmp_path / "unc").exists()
+    # evaluate takes a dataset folder by path too
+    assert cli.main(["evaluate", "--checkpoint", str(run), "--out", str(tmp_path / "ev2"),
+                     "--datasets", str(mini.data.root) + "/medical", "--no-progress"]) == 0
+    again = pd.read_csv(tmp_path / "ev2" / "tables" / "medical.csv", index_col=0)
+    pd.testing.assert_frame_equal(again, table)
     assert cli.main(["predict", "--checkpoint", str(tmp_path / "nope"), "--images",
                      str(imgs), "--out", str(tmp_path / "x")]) == 2
     assert cli.main(["evaluate", "--checkpoint", str(tmp_path / "nope")]) == 2
-    assert "config.json is missing" in capsys.readouterr().err
+    assert f"checkpoint {tmp_path / 'nope'} does not exist" in capsys.readouterr().err

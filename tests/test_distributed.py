@@ -92,7 +92,10 @@ def test_shards_weighted_by_rows_give_the_global_batch_gradient(share):
     got = _grads(model)
     assert got.keys() == want.keys()
     for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-7, msg=k)
+        # float32: shards sum the images in another order (1e-5 of the tensor's largest entry)
+        atol = 1e-5 * float(want[k].abs().max()) + 1e-9
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=atol,
+                                   msg=lambda m, k=k: f"{k}: {m}")
     # Each image's noise comes from the step's seed and its content (pfl.method.sampling), so a
     # shard needs no seeds of the other rows: the plain step on the same rows is the same. The
     # test can fail: another step seed gives another loss.

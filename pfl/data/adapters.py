@@ -426,12 +426,15 @@ def adapter(name: str) -> Adapter:
 
 
 def convert(name: str, root: str | os.PathLike, out: str | os.PathLike | None = None,
-            **options) -> Path:
+            check: bool = False, **options) -> Path:
     """Scan ``root`` in dataset ``name``'s layout and write ``meta.json``; return its path.
 
     ``out``: folder for meta.json when ``root`` is read-only (paths are then relative to
     ``out``, and ``out`` is the data root to load). Image-label-only datasets get
-    ``"pixel_labels": false``. ``options`` go to the scanner (KSDD2: ``balanced``, ``seed``).
+    ``"pixel_labels": false``. ``check``: decode every image and mask first and raise a
+    ``ValueError`` listing each one that does not open or whose mask differs in size from its
+    image (nothing is written then). ``options`` go to the scanner (KSDD2: ``balanced``,
+    ``seed``).
     """
     a = adapter(name)
     root = Path(root)
@@ -461,4 +464,30 @@ def convert(name: str, root: str | os.PathLike, out: str | os.PathLike | None = 
             for rs in meta[s].values():
                 for r in rs:
                     r["mask_path"] = ""
+    if check:
+        problems = check_files(meta, base)
+        if problems:
+            lines = "\n".join(f"  {img}: {why}" for img, why in problems[:20])
+            more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+            raise ValueError(f"{len(problems)} of {n} samples under {root} cannot be used "
+                             f"(no meta.json written):\n{lines}{more}\nreplace or remove these "
+                             "files, or write meta.json without --check and load it with "
+                             "skip_bad=True to skip them")
     return atomic_write_json(base / "meta.json", meta)
+
+
+def check_files(meta: dict, base: str | os.PathLike) -> list[tuple[str, str]]:
+    """``(img_path, reason)`` for each sample of ``meta`` (paths relative to ``base``) whose
+    image or mask does not decode, or whose mask is not the size of its image."""
+    # Imported here: pfl.data.dataset imports torch, which `pfl --help` should not wait for.
+    from pfl.data.dataset import BadSampleError, check_sample_files
+
+    problems = []
+    for split in ("train", "test"):
+        for rows in meta.get(split, {}).values():
+            for r in rows:
+                try:
+                    check_sample_files(base, r["img_path"], r["mask_path"])
+                except BadSampleError as e:
+                    problems.append((r["img_path"], str(e)))
+    return problems

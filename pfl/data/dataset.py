@@ -50,7 +50,8 @@ class BadSampleError(ValueError):
 
 
 def load_meta(root: str | os.PathLike) -> dict:
-    """Read ``root/meta.json``; a missing root or file says how to make one."""
+    """Read ``root/meta.json`` and check its structure (:func:`check_meta`); a missing root or
+    file says how to make one."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"data root {root} does not exist: {HOW_TO_BUILD}")
@@ -59,11 +60,53 @@ def load_meta(root: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"{path} is missing: {HOW_TO_BUILD}")
     try:
         meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}): rebuild it; {HOW_TO_BUILD}") from e
+    check_meta(meta, path)
+    return meta
+
+
+REQUIRED_KEYS = ("img_path", "cls_name", "anomaly")
+
+
+def check_meta(meta, path: str | os.PathLike = "meta.json") -> None:
+    """Raise a ``ValueError`` naming ``path`` and the first wrong entry unless ``meta`` has the
+    layout of the module docstring: splits map class names to lists of sample objects with
+    ``img_path`` (str), ``cls_name`` and ``anomaly`` (0/1), and an optional ``mask_path`` str.
+
+    >>> try:
+    ...     check_meta({"test": [1, 2, 3]}, "x/meta.json")
+    ... except ValueError as e:
+    ...     print(str(e)[:73])
+    x/meta.json: "test" must map class names to lists of samples, got a list;
+    """
+    fix = f"rebuild it: {HOW_TO_BUILD}"
     if not isinstance(meta, dict) or not ({"train", "test"} & set(meta)):
         raise ValueError(f"{path} has no 'train' or 'test' split: {HOW_TO_BUILD}")
-    return meta
+    for split in ("train", "test"):
+        classes = meta.get(split, {})
+        if not isinstance(classes, dict):
+            raise ValueError(f'{path}: "{split}" must map class names to lists of samples, got '
+                             f"a {type(classes).__name__}; {fix}")
+        for cls, rows in classes.items():
+            where = f'{path}: "{split}" / "{cls}"'
+            if not isinstance(rows, list):
+                raise ValueError(f"{where} must be a list of samples, got a "
+                                 f"{type(rows).__name__}; {fix}")
+            for i, r in enumerate(rows):
+                if not isinstance(r, dict):
+                    raise ValueError(f"{where} sample {i} must be an object with "
+                                     f"{list(REQUIRED_KEYS)}, got {r!r}; {fix}")
+                missing = [k for k in REQUIRED_KEYS if k not in r]
+                if missing:
+                    raise ValueError(f"{where} sample {i} ({r}) lacks {missing}; {fix}")
+                bad = [k for k in ("img_path", "mask_path") if not isinstance(r.get(k, ""), str)]
+                if bad or not r["img_path"]:
+                    raise ValueError(f"{where} sample {i}: img_path and mask_path must be "
+                                     f"strings (relative paths), got {r!r}; {fix}")
+                if r["anomaly"] not in (0, 1, True, False):
+                    raise ValueError(f"{where} sample {i}: anomaly must be 0 or 1, got "
+                                     f"{r['anomaly']!r}; {fix}")
 
 
 @dataclass
@@ -93,6 +136,39 @@ def _read_image(path: Path) -> Image.Image:
         ) from e
 
 
+def _image_header(path: Path) -> Image.Image:
+    """Open ``path`` lazily (header only: size and mode, no pixel decoding)."""
+    try:
+        with Image.open(path) as im:
+            return im
+    except FileNotFoundError as e:
+        raise BadSampleError(f"image file {path} is missing: fix meta.json or restore the file"
+                             ) from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadSampleError(f"cannot read image {path} ({type(e).__name__}: {e}); re-download "
+                             "or replace the file, or pass skip_bad=True to skip it") from e
+
+
+def _mask_size_message(mask: Path, msize, image: Path, isize) -> str:
+    return (f"mask {mask} is {msize[0]}x{msize[1]} but its image {image} is "
+            f"{isize[0]}x{isize[1]}: replace the mask with one of the image's size (a resized "
+            "mask no longer marks the same pixels), skip the sample (skip_bad=True, "
+            "--skip-bad), or pass resize_masks=True to resize it")
+
+
+def check_sample_files(root: str | os.PathLike, img_path: str, mask_path: str = "", *,
+                       decode: bool = True, resize_masks: bool = False) -> None:
+    """Raise :class:`BadSampleError` naming the file unless the image ``root/img_path`` (and
+    the mask ``root/mask_path``, if given) exists and opens (``decode``: decodes fully, so a
+    truncated file fails; else the header only) and the mask has the image's size (unless
+    ``resize_masks``)."""
+    root = Path(root)
+    paths = [root / img_path] + ([root / mask_path] if mask_path else [])
+    sizes = [(_read_image(p) if decode else _image_header(p)).size for p in paths]
+    if len(sizes) == 2 and sizes[0] != sizes[1] and not resize_masks:
+        raise BadSampleError(_mask_size_message(paths[1], sizes[1], paths[0], sizes[0]))
+
+
 def _mask_array(pil: Image.Image) -> np.ndarray:
     """Any mask image (L, 1, P, I;16, RGB) as a 2-D float array; nonzero/bright = anomalous."""
     if pil.mode in ("RGB", "RGBA", "LA"):
@@ -115,14 +191,18 @@ class AnomalyDataset(torch.utils.data.Dataset):
         classes: subset of class names (None: all, sorted).
         image_size: S.
         augment: False, True (default :class:`Augment`), or an :class:`Augment`.
-        skip_bad: check every image up front; unreadable ones are dropped with one warning
-            and counted in ``bad`` (False: an unreadable image raises, naming the file).
+        skip_bad: check every image up front; unreadable ones (and masks of another size than
+            their image) are dropped with one warning and listed in ``bad`` with the reason in
+            ``bad_reasons`` (False: such a sample raises when read, naming the file).
+        resize_masks: a mask of another size than its image is resized to the image (nearest
+            neighbour) with a warning, instead of being an error.
         seed: seed of the augmentations (with the epoch, see ``set_epoch``, and the index).
     """
 
     def __init__(self, root: str | os.PathLike, split: str = "test",
                  classes: list[str] | tuple[str, ...] | None = None, image_size: int = 224,
-                 augment: bool | Augment = False, skip_bad: bool = False, seed: int = 0):
+                 augment: bool | Augment = False, skip_bad: bool = False, seed: int = 0,
+                 resize_masks: bool = False):
         self.root = Path(root)
         self.meta = load_meta(self.root)
         if split not in self.meta:
@@ -140,6 +220,7 @@ class AnomalyDataset(torch.utils.data.Dataset):
         self.image_size = image_size
         self.augment = Augment() if augment is True else (augment or None)
         self.seed = seed
+        self.resize_masks = resize_masks
         self.epoch = 0
         self.pixel_labels = bool(self.meta.get("pixel_labels", True))
         self.samples: list[dict] = [dict(s) for c in self.classes for s in per_class[c]]
@@ -161,23 +242,36 @@ class AnomalyDataset(torch.utils.data.Dataset):
                         'mask, remove the sample, or set "pixel_labels": false'
                     )
         self.bad: list[str] = []
+        self.bad_reasons: dict[str, str] = {}
         if skip_bad:
             self._drop_bad()
 
-    def _drop_bad(self) -> None:
-        keep = []
+    def problems(self, decode: bool = True) -> list[tuple[str, str]]:
+        """``(img_path, reason)`` for every sample that cannot be used: a missing or (with
+        ``decode``) unreadable image or mask, or a mask of another size than its image (unless
+        ``resize_masks``). ``decode=False`` only checks that files exist and reads image
+        headers for the sizes: fast enough to run before a model loads."""
+        out = []
         for s in self.samples:
             try:
-                _read_image(self.root / s["img_path"])
-                if s["mask_path"] and self.pixel_labels:
-                    _read_image(self.root / s["mask_path"])
-                keep.append(s)
-            except BadSampleError:
-                self.bad.append(s["img_path"])
+                self._check_sample(s, decode)
+            except BadSampleError as e:
+                out.append((s["img_path"], str(e)))
+        return out
+
+    def _check_sample(self, s: dict, decode: bool) -> None:
+        mask = s["mask_path"] if self.pixel_labels else ""
+        check_sample_files(self.root, s["img_path"], mask, decode=decode,
+                           resize_masks=self.resize_masks)
+
+    def _drop_bad(self) -> None:
+        bad = dict(self.problems(decode=True))
+        self.bad = [s["img_path"] for s in self.samples if s["img_path"] in bad]
+        self.bad_reasons = bad
         if self.bad:
             warnings.warn(f"skipped {len(self.bad)} unreadable sample(s) of {self.root}, e.g. "
                           f"{self.bad[:3]}", stacklevel=3)
-        self.samples = keep
+        self.samples = [s for s in self.samples if s["img_path"] not in bad]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -211,6 +305,8 @@ class AnomalyDataset(torch.utils.data.Dataset):
             mpath = self.root / s["mask_path"]
             mpil = _read_image(mpath)
             if mpil.size != img.size:
+                if not self.resize_masks:
+                    raise BadSampleError(_mask_size_message(mpath, mpil.size, path, img.size))
                 warnings.warn(f"mask {mpath} is {mpil.size[0]}x{mpil.size[1]} but its image is "
                               f"{img.size[0]}x{img.size[1]}: resized to the image",
                               stacklevel=2)

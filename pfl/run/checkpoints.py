@@ -77,3 +77,4 @@ def load_run(path: str | Path, backbone=None) -> tuple[Method, Profile]:
     model_cfg = None if run["method"].lower().startswith("bayes") else run.get("model")
     method = build_method(run["method"], profile, backbone, model_cfg)
     return load_checkpoint(method, path), profile
+

@@ -18,16 +18,45 @@ from pathlib import Path
 
 from pfl.clip.backbone import load_backbone
 from pfl.config import Profile, active
-from pfl.run.checkpoints import build_method
+from pfl.run.checkpoints import CHECKPOINT, HISTORY, RESUME, build_method
 from pfl.run.evaluate import evaluate_profile, summary_frame, write_tables
 from pfl.run.features import data_root, profile_store
 from pfl.run.results import Results, Table
-from pfl.run.train import fit
+from pfl.run.train import History, fit
 from pfl.utils import atomic_write_text
 from pfl.viz.plots import plot_loss_terms, save_figure
 
 METHOD_LABEL = "Bayes-PFL"
 UNTRAINED_LABEL = "Bayes-PFL (untrained)"
+
+
+def epochs_done(run_dir: str | Path) -> int:
+    """Epochs a run folder already holds, which :func:`pfl.run.train.fit` resumes from (0 for
+    a new folder: fit starts afresh when there is no resume point)."""
+    run_dir = Path(run_dir)
+    if not ((run_dir / RESUME / "state.pt").is_file() and (run_dir / HISTORY).is_file()):
+        return 0
+    return len(History.load(run_dir).epochs)
+
+
+def training_note(history: History, done_before: int) -> str:
+    """What this call of fit did: trained, resumed, or only reused a finished checkpoint.
+
+    >>> h = History(steps=[{"total": 0.5}] * 6, epochs=[{}] * 3)
+    >>> training_note(h, 0)
+    'trained 3 epochs (6 steps, final loss 0.5000)'
+    >>> training_note(h, 1)
+    'resumed after epoch 1: trained epochs 2-3 (final loss 0.5000)'
+    >>> print(training_note(h, 3))
+    reused the finished checkpoint (3 epochs, final loss 0.5000; delete the folder to retrain)
+    """
+    n = len(history.epochs)
+    loss = f"final loss {history.steps[-1]['total']:.4f}" if history.steps else "no steps"
+    if done_before >= n:
+        return f"reused the finished checkpoint ({n} epochs, {loss}; delete the folder to retrain)"
+    if done_before > 0:
+        return f"resumed after epoch {done_before}: trained epochs {done_before + 1}-{n} ({loss})"
+    return f"trained {n} epochs ({len(history.steps)} steps, {loss})"
 
 
 def run(out: str | Path = "runs/demo", profile: Profile | None = None,
@@ -60,11 +89,11 @@ def run(out: str | Path = "runs/demo", profile: Profile | None = None,
         print(f"[{time.perf_counter() - t0:5.0f} s] evaluated the untrained model", flush=True)
 
     method = build_method("bayes-pfl", profile, backbone)
+    done_before = epochs_done(out / "run")
     history = fit(method, train, profile.train, out / "run", profile=profile,
                   eval_cfg=profile.eval, progress=progress)
-    print(f"[{time.perf_counter() - t0:5.0f} s] trained {profile.train.epochs} epochs "
-          f"({len(history.steps)} steps, final loss {history.steps[-1]['total']:.4f}): "
-          f"{out / 'run' / 'checkpoint.safetensors'}", flush=True)
+    print(f"[{time.perf_counter() - t0:5.0f} s] {training_note(history, done_before)}: "
+          f"{out / 'run' / CHECKPOINT}", flush=True)
     fig = plot_loss_terms(history.steps_frame(), window=5)
     save_figure(fig, out / "figures" / "loss_terms.png", csv=history.steps_frame())
     plt.close(fig)

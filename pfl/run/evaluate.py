@@ -30,6 +30,7 @@ peers) have no R and ignore it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -39,7 +40,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from pfl.config import EvalConfig
+from pfl.config import EvalConfig, Profile
 from pfl.data.preprocess import denormalize
 from pfl.method.contract import Method
 from pfl.method.official import (
@@ -52,7 +53,14 @@ from pfl.method.official import (
 )
 from pfl.run import distributed
 from pfl.run.checkpoints import load_run
-from pfl.run.features import FeatureStore, profile_store, progress_enabled
+from pfl.run.features import (
+    FeatureStore,
+    data_root,
+    profile_dataset,
+    profile_store,
+    progress_enabled,
+)
+from pfl.run.inputs import check_run
 from pfl.run.metrics import METRICS, evaluate_records, image_metrics
 from pfl.run.postprocess import (
     IMAGE_SCORES,
@@ -359,8 +367,8 @@ def qualitative_figures(store: FeatureStore, pred: PredictionSet, figures_dir: s
         images = [denormalize(store.dataset[store.indices[i]]["image"]) for i in rows]
         fig = plot_anomaly_maps(images, [pred.masks[i] for i in rows],
                                 [pred.maps[i] for i in rows],
-                                titles=[Path(pred.paths[i]).name for i in rows])
-        fig.suptitle(f"{name} / {c}", fontsize=9)
+                                titles=[Path(pred.paths[i]).name for i in rows],
+                                suptitle=f"{name} / {c}")
         csv = pd.DataFrame({
             "path": [_relative_to_root(pred.paths[i], store.dataset) for i in rows],
             "label": [int(pred.labels[i]) for i in rows],
@@ -440,31 +448,98 @@ def summary_frame(results: Results, metrics: Sequence[str] | None = None) -> pd.
 
 
 def evaluate_profile(method: Method, profile, out_dir: str | Path | None = None, *,
-                     datasets: Sequence[str] | None = None, method_name: str | None = None,
-                     results: Results | None = None, seed: int = 0, figures: bool = True,
-                     progress: bool | None = None) -> tuple[Results, dict[str, EvalResult]]:
+                     datasets: Sequence[str | Path] | None = None,
+                     method_name: str | None = None, results: Results | None = None,
+                     seed: int = 0, figures: bool = True, progress: bool | None = None
+                     ) -> tuple[Results, dict[str, EvalResult]]:
     """:func:`evaluate_all` on the test splits of the profile's target datasets
-    (``profile.data.targets`` unless ``datasets`` names others under its data root)."""
+    (``profile.data.targets`` unless ``datasets`` names others: names under its data root, or
+    folders holding a meta.json, see :func:`resolve_datasets`). Results are named by folder."""
 
-    names = list(datasets or profile.data.targets)
-    stores = {n: profile_store(profile, method.backbone, n, "test", progress=progress)
-              for n in names}
+    found = resolve_datasets(profile, datasets)
+    stores = {n: profile_store(profile, method.backbone, str(p), "test", progress=progress)
+              for n, p in found.items()}
     return evaluate_all(method, stores, profile.eval, out_dir=out_dir, method_name=method_name,
                         results=results, seed=seed, figures=figures, progress=progress)
 
 
+def resolve_datasets(profile, datasets: Sequence[str | Path] | None = None) -> dict[str, Path]:
+    """``{name: folder}`` of the datasets to evaluate: each entry of ``datasets`` (default
+    ``profile.data.targets``) is a folder name under the profile's data root, or a path to a
+    folder holding a ``meta.json`` (absolute, or relative to the current folder; a bare name is
+    looked up under the data root first). The name is the folder's own name."""
+    root = data_root(profile.data.root)
+    out: dict[str, Path] = {}
+    for entry in list(datasets or profile.data.targets):
+        text = str(entry)
+        under_root = root / text
+        as_path = Path(os.path.abspath(Path(text).expanduser()))
+        bare = os.sep not in text and not text.startswith(("~", "."))
+        if bare and (profile.data.synthetic or under_root.is_dir() or not as_path.is_dir()):
+            if not under_root.is_dir() and not profile.data.synthetic:
+                have = sorted(d.name for d in root.iterdir() if (d / "meta.json").is_file()
+                              ) if root.is_dir() else []
+                raise FileNotFoundError(
+                    f"dataset {text!r} is not under the run's data root {root} (it has "
+                    f"{have or 'no datasets'}): pass one of those names, or the path of a "
+                    "folder holding a meta.json")
+            folder = under_root
+        else:
+            folder = as_path
+            if not (folder / "meta.json").is_file():
+                raise FileNotFoundError(
+                    f"dataset folder {text} holds no meta.json: write one with `python -m pfl "
+                    "data convert DATASET --root DIR`, or pass a name under the data root "
+                    f"{root}")
+        name = folder.name
+        if name in out and out[name] != folder:
+            raise ValueError(f"two datasets are named {name!r} ({out[name]} and {folder}): "
+                             "their tables would overwrite each other; evaluate them one at a "
+                             "time with different --out folders")
+        out[name] = folder
+    return out
+
+
+def check_evaluation(checkpoint: str | Path, out_dir: str | Path | None = None,
+                     datasets: Sequence[str | Path] | None = None):
+    """Check a run folder, an output folder and the datasets before any model loads: the
+    run's ``config.json`` and checkpoint exist, ``out_dir`` is not a file, every dataset's
+    meta.json is well formed and every file it names exists, with masks of their images'
+    sizes. Returns the run's profile and ``{name: folder}`` of the datasets."""
+    run = check_run(checkpoint)
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ValueError(f"--out {out_dir} is a file: give a folder path (it is created)")
+    profile = Profile.from_dict(run["profile"])
+    found = resolve_datasets(profile, datasets)
+    for folder in found.values():
+        ds = profile_dataset(profile, str(folder), "test")
+        problems = ds.problems(decode=False)
+        if problems:
+            lines = "\n".join(f"  {why}" for _, why in problems[:10])
+            more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+            raise ValueError(
+                f"{len(problems)} of {len(ds)} test samples of {folder / 'meta.json'} cannot "
+                f"be used:\n{lines}{more}\nrestore or replace the files, or rebuild meta.json "
+                "(`python -m pfl data convert DATASET --root DIR --check` lists every problem)")
+    return profile, found
+
+
 def evaluate_run(checkpoint: str | Path, out_dir: str | Path, *,
-                 datasets: Sequence[str] | None = None, progress: bool | None = None,
+                 datasets: Sequence[str | Path] | None = None, progress: bool | None = None,
                  **eval_overrides) -> tuple[Results, dict[str, EvalResult]]:
-    """Rebuild a training run (:func:`pfl.run.checkpoints.load_run`) and evaluate it zero-shot.
+    """Rebuild a training run (:func:`pfl.run.checkpoints.load_run`) and evaluate it zero-shot
+    on ``datasets`` (:func:`resolve_datasets`; default: the run's targets), after checking
+    the run, the output folder and the datasets (:func:`check_evaluation`).
 
     ``eval_overrides``: :class:`EvalConfig` fields to change for this evaluation (e.g.
     ``mc_samples=20``, ``image_score="official_minmax"``); ``None`` values are ignored.
     """
 
+    _, found = check_evaluation(checkpoint, out_dir, datasets)
     method, profile = load_run(checkpoint)
     distributed.place(method)  # under torchrun with nccl: this rank's GPU
     overrides = {k: v for k, v in eval_overrides.items() if v is not None}
     if overrides:
         profile = replace(profile, eval=replace(profile.eval, **overrides))
-    return evaluate_profile(method, profile, out_dir, datasets=datasets, progress=progress)
+    return evaluate_profile(method, profile, out_dir, datasets=list(found.values()),
+                            progress=progress)

@@ -1,64 +1,65 @@
 """Anomaly maps and scores for the user's own images, from a trained checkpoint.
 
-``python -m pfl predict --checkpoint RUN --images DIR_OR_FILES --out DIR [--threshold T]``
-writes, per image, ``<name>_overlay.png`` (the image with the smoothed anomaly map over it, on
-a fixed 0-1 colour scale so that images can be compared) and one ``scores.csv`` with the image
-score, the map's maximum and, with a threshold, whether the image is called anomalous.
+``python -m pfl predict --checkpoint RUN --images FILES_OR_FOLDERS --out DIR`` writes into
+``DIR``:
+
+- ``scores.csv``: one row per input image: ``path`` (as found), ``overlay`` (its figure,
+  relative to ``DIR``), ``score`` (the method's image score), ``map_max`` (maximum of the
+  smoothed map), ``anomalous`` (``yes`` when score >= ``--threshold``), with
+  ``--uncertainty`` ``std_mean``/``std_max``, and ``skipped`` (why an unreadable image was
+  left out with ``--skip-bad``; empty otherwise);
+- per image, a figure ``<name>_<ext>_overlay.png``: the image with its smoothed anomaly map
+  over it on a fixed 0-1 colour scale (so images can be compared), a colour bar, and the score;
+  with ``--uncertainty`` a second panel shows the per-pixel standard deviation over the R
+  Monte Carlo prompt samples, and ``<name>_<ext>_maps.npz`` holds both maps as arrays.
+
+Output names cannot collide: the input tree is mirrored under ``DIR`` (relative to the folder
+that holds all inputs, so ``test/good/000.png`` and ``test/crack/000.png`` give
+``good/000_png_overlay.png`` and ``crack/000_png_overlay.png``), and the extension is part of
+the name (``coffee.jpg`` and ``coffee.png`` give ``coffee_jpg_...`` and ``coffee_png_...``).
+Everything is written into a hidden folder beside ``DIR`` and renamed to ``DIR`` at the end,
+so a run's outputs appear together or not at all. Inputs, the output folder and the
+checkpoint folder are checked before the model loads (:func:`check_inputs`).
 
 The model is class-aware (REFERENCE.md, "Prompts"): it needs the object's name
 (``--class-name``, default ``"object"``). Maps are blurred as in evaluation (sigma 8 px at
-518 px, scaled to the input size, :mod:`pfl.run.evaluate`) and resized back to each image's own
+518 px, scaled to the input size, :mod:`pfl.run.evaluate`) and resized to each image's own
 size for the overlay.
 """
 
 from __future__ import annotations
 
+import inspect
+import os
+import shutil
+import tempfile
 from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from pfl.clip.backbone import ImageFeatures
 from pfl.config import EvalConfig
 from pfl.data.preprocess import image_to_tensor, to_pil_rgb
 from pfl.method.contract import Batch, Method
 from pfl.run.checkpoints import load_run
+from pfl.run.features import progress_enabled
+from pfl.run.inputs import InputImage, Inputs, check_inputs, check_output, check_run, decode_image
 from pfl.run.postprocess import scaled_sigma, smooth_maps
 from pfl.utils import atomic_write
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-
-
-def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
-    """Image files from files and folders (a folder: its images, sorted, not recursive)."""
-    files: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise FileNotFoundError(f"folder {p} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-            files += found
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise FileNotFoundError(f"{p} is neither an image file nor a folder")
-    if not files:
-        raise ValueError("no images given: pass --images with files or a folder")
-    return files
+from pfl.viz.plots import plot_prediction, save_figure
 
 
-def _open(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return to_pil_rgb(im.copy())
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ValueError(f"cannot read image {path} ({type(err).__name__}: {err}); pass only "
-                         "image files (png, jpg, bmp, tif)") from err
+def read_image(path: str | Path) -> Image.Image:
+    """The image at ``path`` fully decoded, as RGB; a ``ValueError`` naming it otherwise."""
+    return to_pil_rgb(decode_image(path))
 
 
 def overlay(image: Image.Image, anomaly_map: np.ndarray, alpha: float = 0.5) -> Image.Image:
@@ -71,56 +72,140 @@ def overlay(image: Image.Image, anomaly_map: np.ndarray, alpha: float = 0.5) -> 
     return Image.blend(image.convert("RGB"), Image.fromarray(heat, "RGB"), alpha)
 
 
-def predict_images(method: Method, images: Sequence[str | Path], out_dir: str | Path, *,
-                   class_name: str = "object", threshold: float | None = 0.5,
-                   cfg: EvalConfig | None = None, write_overlays: bool = True) -> pd.DataFrame:
-    """Score ``images`` with ``method``; write overlays and ``scores.csv`` to ``out_dir``.
+def _predict(method: Method, batch: Batch, gen: torch.Generator, want_std: bool):
+    """``method.predict``; with ``want_std`` asks for and returns ``Prediction.map_std``, the
+    per-pixel standard deviation over the R Monte Carlo samples ``(N, S, S)``."""
+    if want_std and "map_std" in inspect.signature(method.predict).parameters:
+        pred = method.predict(batch, gen, map_std=True)
+    else:
+        pred = method.predict(batch, gen)
+    std = getattr(pred, "map_std", None)
+    if want_std and std is None:
+        raise ValueError(f"{getattr(method, 'name', type(method).__name__)} gives no per-pixel "
+                         "standard deviation (Prediction.map_std), so --uncertainty cannot be "
+                         "shown; run without --uncertainty")
+    return pred, (None if std is None else std.detach().double().cpu().numpy())
 
-    Returns the table of ``scores.csv``: ``path``, ``score`` (the method's image score),
-    ``map_max`` (maximum of the smoothed map) and, with ``threshold``, ``anomalous``
-    (``"yes"`` when score >= threshold).
+
+def publish(tmp: Path, out: Path, overwrite: bool = False) -> Path:
+    """Rename the finished folder ``tmp`` to ``out`` (an empty ``out`` is replaced; a full one
+    only with ``overwrite``, swapped out and then removed)."""
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    if out.exists():
+        check_output(out, overwrite)
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+        os.replace(out, old / "x")
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+    return out
+
+
+def predict_images(method: Method, images: Sequence[str | Path] | Inputs, out_dir: str | Path,
+                   *, class_name: str = "object", threshold: float | None = 0.5,
+                   cfg: EvalConfig | None = None, write_overlays: bool = True,
+                   skip_bad: bool = False, uncertainty: bool = False, overwrite: bool = False,
+                   progress: bool | None = None) -> pd.DataFrame:
+    """Score ``images`` with ``method``; write overlays and ``scores.csv`` into ``out_dir``
+    (module docstring: names, columns, all-or-nothing publication).
+
+    ``images``: paths, or :class:`Inputs` from :func:`check_inputs` (checked already).
+    ``uncertainty``: also the per-pixel standard deviation over the R samples (the method must
+    give ``Prediction.map_std``). Returns the table of ``scores.csv``.
     """
     cfg = cfg or EvalConfig()
-    out_dir = Path(out_dir)
-    files = collect_images(images)
+    out = Path(out_dir)
+    inputs = images if isinstance(images, Inputs) else check_inputs(
+        images, out, skip_bad=skip_bad, overwrite=overwrite)
     backbone = method.backbone
     size = backbone.image_size
     mode = getattr(method, "train", None)
     if callable(mode):
         mode(False)
+    samples = getattr(method, "inference_samples", None)  # R, for methods that sample
+    scope = (samples(cfg.mc_samples) if cfg.mc_samples is not None and callable(samples)
+             else nullcontext())
     gen = torch.Generator().manual_seed(cfg.seed)
     needs_images = bool(getattr(method, "needs_images", False))
+    sigma = scaled_sigma(cfg.sigma, size)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     rows = []
-    for start in range(0, len(files), cfg.batch_size):
-        chunk = files[start:start + cfg.batch_size]
-        pils = [_open(f) for f in chunk]
-        x = torch.stack([image_to_tensor(p, size) for p in pils])
-        with torch.no_grad():
-            feats: ImageFeatures = backbone.encode_image(x)
-            batch = Batch(cls_names=[class_name] * len(chunk), feats=feats,
-                          images=x if needs_images else None, paths=[str(f) for f in chunk])
-            pred = method.predict(batch, gen)
-        maps = smooth_maps(pred.maps, scaled_sigma(cfg.sigma, size))
-        for f, pil, m, s in zip(chunk, pils, maps, pred.scores.tolist()):
-            row = {"path": str(f), "score": float(s), "map_max": float(m.max())}
-            if threshold is not None:
-                row["anomalous"] = "yes" if s >= threshold else "no"
-            if write_overlays:
-                dest = out_dir / f"{f.stem}_overlay.png"
-                blended = overlay(pil, m)
-                atomic_write(dest, lambda p, im=blended: im.save(p, format="PNG"))
-                row["overlay"] = str(dest)
-            rows.append(row)
-    table = pd.DataFrame(rows)
-    atomic_write(out_dir / "scores.csv", lambda p: table.to_csv(p, index=False))
+    bar = tqdm(total=len(inputs.images), desc="predict", unit="img",
+               disable=not progress_enabled(progress))
+    try:
+        with torch.no_grad(), scope:
+            for start in range(0, len(inputs.images), cfg.batch_size):
+                chunk = inputs.images[start:start + cfg.batch_size]
+                pils = [read_image(item.path) for item in chunk]
+                x = torch.stack([image_to_tensor(p, size) for p in pils])
+                feats: ImageFeatures = backbone.encode_image(x)
+                batch = Batch(cls_names=[class_name] * len(chunk), feats=feats,
+                              images=x if needs_images else None,
+                              paths=[str(item.path) for item in chunk])
+                pred, stds = _predict(method, batch, gen, uncertainty)
+                maps = smooth_maps(pred.maps, sigma)
+                for j, (item, pil, m) in enumerate(zip(chunk, pils, maps)):
+                    score = float(pred.scores[j])
+                    std = None if stds is None else stds[j]
+                    rows.append(_write_one(tmp, item, pil, m, score, std, threshold,
+                                           write_overlays))
+                bar.update(len(chunk))
+        for item, why in inputs.skipped:
+            rows.append({"path": str(item.path), "skipped": why})
+        columns = ["path", "overlay", "score", "map_max", "anomalous", "std_mean", "std_max",
+                   "skipped"]
+        table = pd.DataFrame(rows)
+        table = table.reindex(columns=[c for c in columns if c in table])
+        atomic_write(tmp / "scores.csv", lambda p: table.to_csv(p, index=False))
+        publish(tmp, out, overwrite)
+    finally:
+        bar.close()
+        shutil.rmtree(tmp, ignore_errors=True)
     return table
 
 
-def predict_checkpoint(checkpoint: str | Path, images: Sequence[str | Path], out_dir: str | Path,
-                       *, class_name: str = "object", threshold: float | None = 0.5
-                       ) -> pd.DataFrame:
-    """:func:`predict_images` with the method and evaluation config of a training run."""
+def _write_one(folder: Path, item: InputImage, pil: Image.Image, smoothed: np.ndarray,
+               score: float, std: np.ndarray | None, threshold: float | None,
+               write_overlays: bool) -> dict:
+    """One image's figure (and maps) into ``folder``; its row of ``scores.csv``."""
+    row: dict = {"path": str(item.path), "score": score, "map_max": float(smoothed.max())}
+    if threshold is not None:
+        row["anomalous"] = "yes" if score >= threshold else "no"
+    if std is not None:
+        row["std_mean"], row["std_max"] = float(std.mean()), float(std.max())
+        dest = folder / f"{item.name}_maps.npz"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(dest, mean=smoothed.astype(np.float32), std=std.astype(np.float32))
+    if write_overlays:
+        title = (Path(item.name).parent / item.path.name).as_posix()  # e.g. good/000.png
+        fig = plot_prediction(overlay(pil, smoothed), score, threshold=threshold, title=title,
+                              std_map=std)
+        save_figure(fig, folder / f"{item.name}_overlay.png")
+        plt.close(fig)
+        row["overlay"] = f"{item.name}_overlay.png"
+    row["skipped"] = ""
+    return row
 
+
+def predict_checkpoint(checkpoint: str | Path, images: Sequence[str | Path] | Inputs,
+                       out_dir: str | Path,
+                       *, class_name: str = "object", threshold: float | None = 0.5,
+                       skip_bad: bool = False, uncertainty: bool = False,
+                       overwrite: bool = False, mc_samples: int | None = None,
+                       progress: bool | None = None) -> pd.DataFrame:
+    """:func:`predict_images` with the method and evaluation config of a training run; the run
+    folder, the output folder and the inputs are checked before the model loads (``images``
+    may be :class:`pfl.run.inputs.Inputs` checked already)."""
+    check_run(checkpoint)
+    inputs = images if isinstance(images, Inputs) else check_inputs(
+        images, out_dir, skip_bad=skip_bad, overwrite=overwrite)
     method, profile = load_run(checkpoint)
-    return predict_images(method, images, out_dir, class_name=class_name, threshold=threshold,
-                          cfg=profile.eval)
+    cfg = profile.eval
+    if mc_samples is not None:
+        cfg = replace(cfg, mc_samples=mc_samples)
+    return predict_images(method, inputs, out_dir, class_name=class_name, threshold=threshold,
+                          cfg=cfg, overwrite=overwrite, uncertainty=uncertainty,
+                          progress=progress)

@@ -25,6 +25,7 @@ __all__ = [
     "plot_warped_grids",
     "plot_sample_spread",
     "plot_anomaly_maps",
+    "plot_prediction",
     "token_pca_rgb",
     "plot_token_pca",
     "plot_layer_maps",
@@ -159,12 +160,14 @@ def plot_anomaly_maps(
     titles: Sequence[str] | None = None,
     cell: float = 1.8,
     normalise: bool = True,
+    suptitle: str | None = None,
 ) -> plt.Figure:
     """The paper's qualitative layout (appendix Figures A.10-A.34): top row the images
     ``(H, W, 3)`` in [0, 1] with the ground-truth outline in green, bottom row the anomaly maps.
 
     ``normalise``: maps are min-max scaled over all panels of the figure (one colour scale);
-    else shown on [0, 1].
+    else shown on [0, 1]. ``titles`` longer than a panel are shortened in the middle, and
+    ``suptitle`` gets its own room above them, so no text overlaps.
     """
     n = len(images)
     fig, axes = plt.subplots(2, n, figsize=(cell * n, 2 * cell), squeeze=False)
@@ -179,14 +182,78 @@ def plot_anomaly_maps(
             top.contour(mask, levels=[0.5], colors="lime", linewidths=0.8)
         bottom.imshow(stack[j], cmap="jet", vmin=lo, vmax=hi)
         if titles is not None:
-            top.set_title(titles[j], fontsize=7)
+            top.set_title(_short(titles[j], max(8, int(cell * 10))), fontsize=7)
         for ax in (top, bottom):
             ax.set_xticks([])
             ax.set_yticks([])
     axes[0, 0].set_ylabel("image + GT", fontsize=8)
     axes[1, 0].set_ylabel("anomaly map", fontsize=8)
-    fig.tight_layout()
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=9)
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / (2 * cell)))
+    else:
+        fig.tight_layout()
     return fig
+
+
+def plot_prediction(blended, score: float, threshold: float | None = None, title: str = "",
+                    std_map: np.ndarray | None = None, cmap: str = "jet",
+                    height: float = 3.2) -> plt.Figure:
+    """One image of ``pfl predict``: ``blended`` (the image with its anomaly map over it in
+    ``cmap``, values 0-1; a PIL image or ``(H, W, 3)`` array), a colour bar of that 0-1 scale,
+    and a title with ``title``, the image score and, with ``threshold``, the verdict.
+
+    ``std_map`` (any size): a second panel with the per-pixel standard deviation over the Monte
+    Carlo prompt samples, on its own colour bar (0 to its maximum).
+    """
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    img = np.asarray(blended)
+    aspect = img.shape[1] / img.shape[0]
+    # Fixed layout (inches), no tight_layout: it is cheap, and it is the same for every image.
+    w = min(height * aspect, 8.0)
+    h = w / aspect
+    panels = 1 if std_map is None else 2
+    fig_w, fig_h = panels * (w + 1.05) + 0.1, h + 0.6
+    fig = plt.figure(figsize=(fig_w, fig_h))
+
+    def panel(k):
+        x0 = 0.1 + k * (w + 1.05)
+        ax = fig.add_axes((x0 / fig_w, 0.1 / fig_h, w / fig_w, h / fig_h))
+        cax = fig.add_axes(((x0 + w + 0.08) / fig_w, 0.1 / fig_h, 0.12 / fig_w, h / fig_h))
+        ax.set_xticks([])
+        ax.set_yticks([])
+        return ax, cax
+
+    ax, cax = panel(0)
+    ax.imshow(img)
+    fig.colorbar(ScalarMappable(Normalize(0, 1), cmap), cax=cax, label="abnormal probability")
+    verdict = ""
+    if threshold is not None:
+        verdict = (f" \u2265 {threshold:.2f}: anomalous" if score >= threshold
+                   else f" < {threshold:.2f}: normal")
+    chars = max(12, int((w + 0.9) * 13))
+    ax.set_title(f"{_short(title, chars)}\nscore {score:.3f}{verdict}", fontsize=8)
+    if std_map is not None:
+        sd = np.asarray(std_map, dtype=np.float64)
+        top = float(sd.max()) if sd.max() > 0 else 1.0
+        ax2, cax2 = panel(1)
+        im = ax2.imshow(sd, cmap="magma", vmin=0, vmax=top,
+                        extent=(0, img.shape[1], img.shape[0], 0))
+        fig.colorbar(im, cax=cax2, label="std over R samples")
+        ax2.set_title(f"uncertainty\nmean std {sd.mean():.3f}", fontsize=8)
+    return fig
+
+
+def _short(text: str, n: int) -> str:
+    """``text`` cut to ``n`` characters with an ellipsis in the middle.
+
+    >>> _short("a_very_long_file_name.png", 12)
+    'a_very\u2026e.png'
+    """
+    return text if len(text) <= n else text[: (n - 1) // 2 + (n - 1) % 2] + "\u2026" + \
+        text[len(text) - (n - 1) // 2:]
 
 
 # --------------------------------------------------------------------------- CLIP features (01)
