@@ -6,7 +6,7 @@ scores, float32), so the printed speed ratio is measured, not quoted. Usage::
     python benchmarks/metrics.py                 # 100 maps of 256 x 256
     python benchmarks/metrics.py --n 20 --size 518
 
-The exact and the common AUPRO are different numbers by definition (REFERENCE.md, "Metrics";
+The exact and the common AUPRO are different numbers by definition (docs/reproduction.md, "Metrics";
 pfl/metrics.py); the fast implementation of the common variant must equal the loop.
 """
 

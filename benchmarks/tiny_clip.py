@@ -9,7 +9,8 @@ in pretraining or auxiliary training; defect kinds from the same generator as pr
     same text ("CLS") and the map's maximum ("max").
 (b) **heads**: APRIL-GAN-style per-layer linear adapters (:class:`LayerAdapters`) on the 4
     tapped layers, trained briefly on the ``aux`` domain with focal + dice against the same
-    text (logit scale 5, REFERENCE.md "Measured"); map = mean over layers; image score: max.
+    text (logit scale 5, docs/reproduction.md, "Measured on this kind of machine"); map = mean
+    over layers; image score: max.
 (c) **colour**: distance of each pixel's RGB to the image's median colour; learns nothing.
 
 Maps are blurred with sigma 3.46 px (8 px at 518, scaled) before the metrics (pfl.run.evaluate).

@@ -1,6 +1,6 @@
 """Typed configuration: one dataclass per part, and the ``smoke`` and ``paper`` profiles.
 
-The two profiles share every code path; only sizes and sources differ (REFERENCE.md,
+The two profiles share every code path; only sizes and sources differ (docs/reproduction.md,
 "Backbone" and appendix A.1). The active profile comes from the ``PFL_PROFILE`` environment
 variable (``smoke`` by default) or is passed explicitly::
 
@@ -27,7 +27,7 @@ PROFILES = ("smoke", "paper", "official")
 
 @dataclass
 class BackboneConfig:
-    """The frozen CLIP (REFERENCE.md, "Backbone")."""
+    """The frozen CLIP (docs/reproduction.md, "Backbone")."""
 
     model_name: str = "pfl-tiny"  # open_clip config name; "pfl-tiny" ships inside pfl/clip/assets
     image_size: int = 224  # input side; positional embeddings are resized to it
@@ -39,7 +39,7 @@ class BackboneConfig:
 
 @dataclass
 class ModelConfig:
-    """Bayes-PFL's new modules (REFERENCE.md, "Prompts", "Prompt flow", "RCA")."""
+    """Bayes-PFL's new modules (docs/reproduction.md, "Prompts", "Prompt flow", "RCA")."""
 
     n_prompts: int = 3  # B: prompts per bank
     n_ctx: int = 5  # P: learnable context vectors per prompt
@@ -63,7 +63,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    """Auxiliary training (appendix A.1; the authors' code differs, REFERENCE.md)."""
+    """Auxiliary training (appendix A.1; the authors' code differs, docs/authors-code.md)."""
 
     epochs: int = 20
     batch_size: int = 32
@@ -88,7 +88,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Zero-shot evaluation (REFERENCE.md, "Maps, scores", "Metrics")."""
+    """Zero-shot evaluation (docs/reproduction.md, "Maps, scores and losses", "Metrics")."""
 
     mc_samples: int | None = None  # R at inference; None: the method's own (ModelConfig.mc_test)
     sigma: float = 8.0  # Gaussian blur of the maps, in pixels at 518 px; scaled to image size
@@ -103,7 +103,7 @@ class EvalConfig:
 
 @dataclass
 class DataConfig:
-    """Where the data come from (REFERENCE.md, "Data layout")."""
+    """Where the data come from (docs/reproduction.md, "Data layout")."""
 
     root: str = "data/synthetic"  # data root holding meta.json files
     aux: str = "aux"  # auxiliary training dataset

@@ -123,7 +123,7 @@ def test_spliced_word_embeddings_reproduce_the_plain_text(tiny_backbone):
 
 def test_a_constant_shift_of_the_tokens_is_invisible_to_the_text_tower(tiny_backbone):
     # The reference init puts the normal states at +0.5 and the abnormal at -0.5 in every
-    # dimension (REFERENCE.md, "Prompts"). A shift c * 1 is removed by LayerNorm exactly,
+    # dimension (docs/reproduction.md, "Prompts"). A shift c * 1 is removed by LayerNorm exactly,
     # LN(x + c 1) = LN(x), and every block of the pre-LN text tower reads its input through LN
     # (ln_final closes it): the +-0.5 alone makes normal and abnormal states no different.
     bb = tiny_backbone

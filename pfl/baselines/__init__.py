@@ -1,4 +1,4 @@
-"""Peer methods on the shared harness, by name (REFERENCE.md "Peers"; appendix A.2).
+"""Peer methods on the shared harness, by name (docs/reproduction.md, "Peers"; appendix A.2).
 
 Each peer is a :class:`pfl.method.contract.Method`: the same backbone, data, training loop
 (:func:`pfl.run.train.fit`) and evaluation serve all, so a comparison differs only in the method.

@@ -1,8 +1,8 @@
 """AdaCLIP: hybrid (static + dynamic) learnable prompts in both towers, and hybrid semantic fusion.
 
-REFERENCE.md "Peers" and appendix A.2; the method is Cao et al., "AdaCLIP: Adapting CLIP with
-Hybrid Learnable Prompts for Zero-Shot Anomaly Detection" (ECCV 2024). Both CLIP towers stay
-frozen; what learns is
+docs/reproduction.md, "Peers" and appendix A.2; the method is Cao et al., "AdaCLIP: Adapting
+CLIP with Hybrid Learnable Prompts for Zero-Shot Anomaly Detection" (ECCV 2024). Both CLIP
+towers stay frozen; what learns is
 
 * **static prompts**: for each of the first J blocks of each tower, n learnable tokens shared
   by all images (init normal, std 0.02);
@@ -49,7 +49,7 @@ Approximated:
   * Sizes are small so that training runs on CPU (n = 2 tokens, J = 3 blocks: the authors'
     trainer defaults; their scripts use more); J is capped at each tower's depth.
   * The logit scale is APRIL-GAN's weak-tower value (5) rather than AdaCLIP's 100
-    (REFERENCE.md, "Measured"); ``logit_scale=100`` restores it.
+    (docs/reproduction.md, "Measured on this kind of machine"); ``logit_scale=100`` restores it.
   * k-means is scikit-learn's, seeded from the step's ``torch.Generator`` (deterministic); the
     authors' is unseeded. Gradients flow through the fused feature, not through the clustering.
 """
@@ -183,7 +183,7 @@ class AdaCLIPConfig:
     k_clusters: int = 20  # k of HSF's k-means (AdaCLIP: 20)
     hsf_alpha: float = 0.2  # weight of the region feature in the fused image feature
     hsf_train: bool = True  # HSF also in training (as AdaCLIP's forward does)
-    logit_scale: float = 5.0  # AdaCLIP: 100; weak towers need a low scale (REFERENCE.md)
+    logit_scale: float = 5.0  # AdaCLIP: 100; weak towers need a low scale (docs/reproduction.md)
     focal_gamma: float = 2.0
     init_std: float = 0.02  # std of the static prompts' normal init
 

@@ -1,6 +1,6 @@
 """AnomalyCLIP: object-agnostic learnable prompts, deep text tokens and the DPAM image path.
 
-REFERENCE.md "Peers" and appendix A.2: AnomalyCLIP learns two class-agnostic prompts,
+docs/reproduction.md, "Peers" and appendix A.2: AnomalyCLIP learns two class-agnostic prompts,
 ``[V_1..V_P] object.`` and ``[W_1..W_P] damaged object.``, whose context vectors are
 spliced into the token-embedding sequence (as CoOp does), so the text features are the same
 for every class (tested). Its recipe also has

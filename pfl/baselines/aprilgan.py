@@ -1,6 +1,6 @@
 """APRIL-GAN: per-layer linear adapters aligning patch tokens with a cached prompt ensemble.
 
-REFERENCE.md "Peers" and appendix A.2: APRIL-GAN keeps WinCLIP's hand-written prompt
+docs/reproduction.md, "Peers" and appendix A.2: APRIL-GAN keeps WinCLIP's hand-written prompt
 ensemble (:class:`pfl.baselines.winclip.PromptEnsemble`, encoded once per class and cached) and
 learns, for each tapped layer l, a linear map of the raw patch tokens into the joint space,
 F_l = normalize(W_l P_l + b_l). Per layer, a two-way softmax of scaled cosine similarities with
@@ -68,7 +68,8 @@ def pair_logit_diff(tokens: Tensor, text: Tensor, scale: Tensor | float) -> Tens
     """Abnormal-minus-normal logit per token: ``scale * <f, t_a - t_n>``.
 
     The two-way softmax over (normal, abnormal) is the sigmoid of this difference, and
-    bilinear upsampling is linear, so upsampling the difference is exact (REFERENCE.md "Maps").
+    bilinear upsampling is linear, so upsampling the difference is exact (docs/reproduction.md,
+    "Maps, scores and losses").
 
     Args:
         tokens: ``(N, L, T, E)`` normalised patch features.
@@ -113,12 +114,13 @@ def segmentation_loss(probs: Tensor, masks: Tensor, gamma: float = 2.0,
 
 @dataclass
 class AprilGANConfig:
-    """APRIL-GAN's settings (REFERENCE.md "Peers"; appendix A.1, Table A.1)."""
+    """APRIL-GAN's settings (docs/reproduction.md, "Peers"; appendix A.1, Table A.1)."""
 
     train_prompts: str = "pe"  # "sp" | "pe": the text the adapters are trained against
     infer_prompts: str = "pe"  # "sp" | "pe": the text at inference
     # APRIL-GAN uses 100. With weak (tiny, random-init) towers 100 saturates the softmax and
-    # training collapses to "all normal" (REFERENCE.md, "Measured"); 5 learns. 100.0 restores it.
+    # training collapses to "all normal" (docs/reproduction.md, "Measured on this kind of
+    # machine"); 5 learns. 100.0 restores it.
     logit_scale: float = 5.0
     learn_scale: bool = False  # True: a learnable log-temperature initialised at logit_scale
     adapter_bias: bool = True  # APRIL-GAN's linear layers have a bias

@@ -1,8 +1,9 @@
 """CLIP-AD (SDP+): APRIL-GAN's adapters plus a training-free staged dual path with feature surgery.
 
-REFERENCE.md "Peers" and appendix A.2; the method is Chen et al., "CLIP-AD: A Language-Guided
-Staged Dual-Path Model for Zero-shot Anomaly Detection" (arXiv 2311.00453). The row compared in
-the paper is SDP+, its fine-tuned model. Two paths run through the one frozen image tower:
+docs/reproduction.md, "Peers" and appendix A.2; the method is Chen et al., "CLIP-AD: A
+Language-Guided Staged Dual-Path Model for Zero-shot Anomaly Detection" (arXiv 2311.00453). The
+row compared in the paper is SDP+, its fine-tuned model. Two paths run through the one frozen
+image tower:
 
 * the **original path** (the plain residual stream at the tapped layers) goes through
   APRIL-GAN's per-layer linear adapters, ``F_l = normalize(W_l P_l + b_l)``; per layer the
@@ -48,7 +49,7 @@ Approximated:
     "crack", "contamination" and "imperfect"/"blemished" words).
   * The logit scale of the adapters and the global score is APRIL-GAN's here (5, see
     :class:`~pfl.baselines.aprilgan.AprilGANConfig`), not CLIP-AD's 100: weak towers collapse
-    at 100 (REFERENCE.md, "Measured").
+    at 100 (docs/reproduction.md, "Measured on this kind of machine").
   * Bilinear upsampling uses ``align_corners=False`` for both maps (the authors mix both).
   * ``dual_path=False`` runs from cached features, for speed or when images are absent: the
     surgery is then applied to the original path's tokens (feature surgery without architecture

@@ -1,6 +1,6 @@
 """WinCLIP (training-free): compositional prompt ensemble, sliding windows, harmonic aggregation.
 
-REFERENCE.md "Peers" and appendix A.2: WinCLIP scores sub-images cut by windows of several
+docs/reproduction.md, "Peers" and appendix A.2: WinCLIP scores sub-images cut by windows of several
 scales with CLIP's global (CLS) path, and each pixel's score is the harmonic mean of the
 scores of the windows that cover it. The text side is the *compositional prompt ensemble*
 (state words x templates), which APRIL-GAN and later peers reuse: :class:`PromptEnsemble`
@@ -234,7 +234,7 @@ def encode_windows(backbone: Backbone, images: Tensor, windows: list[Tensor],
 # --- the method --------------------------------------------------------------------------------
 @dataclass
 class WinCLIPConfig:
-    """WinCLIP's zero-shot settings (REFERENCE.md "Peers"; appendix A.2)."""
+    """WinCLIP's zero-shot settings (docs/reproduction.md, "Peers"; appendix A.2)."""
 
     scales: tuple[int, ...] = (2, 3)  # window sides in patches (WinCLIP: small and mid scale)
     stride: int = 1  # window step in patches

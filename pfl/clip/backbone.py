@@ -1,9 +1,9 @@
 """The frozen CLIP: global image feature, patch tokens at chosen layers, text tower on embeddings.
 
-REFERENCE.md, "Backbone": patch features are the raw residual stream after the chosen blocks
+docs/reproduction.md, "Backbone": patch features are the raw residual stream after the chosen blocks
 (CLS dropped, before ``ln_post`` and the projection); positional embeddings are resized
 bicubically (antialias) to the input size; both towers stay frozen. The text path takes token
-*embeddings* so that learnable vectors can be spliced in (REFERENCE.md, "Prompts"), and cuts
+*embeddings* so that learnable vectors can be spliced in (docs/reproduction.md, "Prompts"), and cuts
 every batch right after its longest EOT token: the causal mask makes that exact.
 
 Nothing here downloads: the ``smoke`` tower is a JSON config shipped in ``pfl/clip/assets`` (with
@@ -111,7 +111,7 @@ def to_model_dtype(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, t
     """Cast every floating tensor of ``sd`` to the dtype of ``model``'s parameters.
 
     OpenAI's ``ViT-L-14-336px.pt`` is an fp16 TorchScript archive; the authors' code casts it
-    to float32 and only then resizes the positional embeddings (REFERENCE.md, "Corrections").
+    to float32 and only then resizes the positional embeddings (docs/authors-code.md).
     The cast must come first: torch's bicubic/antialiased resize has no Half kernel on CPU.
     Every fp16 value is exactly representable in fp32 (and fp64), so nothing is lost.
     """

@@ -1,6 +1,6 @@
 """Contrastive pretraining of the tiny CLIP on procedural patterns, with a dense region-text term.
 
-No pretrained CLIP can be had offline, and a random-init tower is no stand-in (REFERENCE.md,
+No pretrained CLIP can be had offline, and a random-init tower is no stand-in (docs/reproduction.md,
 "Measured on this kind of machine"). This module pretrains the ``pfl-tiny`` open_clip config
 the way CLIP was trained (Radford et al., 2021): a symmetric InfoNCE loss between image and
 caption features with a learnable temperature. The image-caption pairs are drawn on the fly
@@ -23,7 +23,7 @@ Three choices differ from CLIP, each for a measured reason:
   pair's defect caption inside the defect and toward its normal caption outside. Per patch,
   a two-way softmax over (normal text, defect text) is fit by a class-balanced binary cross
   entropy to the fraction of the patch the mask covers. Global contrast alone left zero-shot
-  maps at chance at this scale (REFERENCE.md).
+  maps at chance at this scale (docs/reproduction.md, "Measured on this kind of machine").
 
 Training is deterministic for a seed on CPU with a fixed thread count: the batch of step t is
 drawn from ``np.random.default_rng([seed, t])``, so a run resumed from a checkpoint repeats the
@@ -339,7 +339,7 @@ def encode_texts(clip: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """(N, 77) token ids -> (N, E) text features, not normalised.
 
     Cut after the longest EOT: the causal mask makes this equal to the full pass
-    (REFERENCE.md, "Prompts").
+    (docs/reproduction.md, "Prompts").
     """
     eot = ids.argmax(dim=-1)
     n = int(eot.max()) + 1

@@ -1,6 +1,6 @@
 """Training-free zero-shot maps: patch tokens against hand-written normal/abnormal prompts.
 
-The starting point of WinCLIP and APRIL-GAN (REFERENCE.md, "Peers"): each patch token is
+The starting point of WinCLIP and APRIL-GAN (docs/reproduction.md, "Peers"): each patch token is
 mapped into CLIP's joint space through ``ln_post`` and the projection
 (:meth:`pfl.clip.backbone.Backbone.project_patches`), compared by cosine similarity with the mean
 text feature of a few "normal" and "abnormal" prompts, and a two-way softmax gives the

@@ -1,7 +1,7 @@
 """Adapters from the paper's 15 datasets' published folder layouts to ``meta.json``.
 
 One registry, :data:`ADAPTERS`; each adapter is a scan function that walks a layout and
-returns meta.json entries (REFERENCE.md, "Data layout"; appendix Section C). ``convert(name,
+returns meta.json entries (docs/reproduction.md, "Data layout"; appendix Section C). ``convert(name,
 root)`` writes ``root/meta.json`` (or one in ``out``, with paths relative to it), which
 ``AnomalyDataset`` then reads. Datasets without pixel labels (HeadCT, BrainMRI,
 Br35H) get ``"pixel_labels": false`` and empty mask paths, so pixel metrics skip them.

@@ -1,4 +1,4 @@
-"""One dataset class over ``meta.json`` (REFERENCE.md, "Data layout"), with its collate.
+"""One dataset class over ``meta.json`` (docs/reproduction.md, "Data layout"), with its collate.
 
 Every dataset, synthetic or converted from a published layout by :mod:`pfl.data.adapters`, is a
 root folder with a ``meta.json``::

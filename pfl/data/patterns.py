@@ -2,8 +2,9 @@
 
 Each pattern is a scalar field t(y, x) in [0, 1] built on rotated pixel coordinates, mapped
 through a random colour palette and given a little sensor noise. Names are plain words, so a
-caption such as "a photo of a flawless wood rings pattern" reads well (issue 9; REFERENCE.md,
-"Measured on this kind of machine": the tiny tower is pretrained on such patterns).
+caption such as "a photo of a flawless wood rings pattern" reads well (issue 9;
+docs/reproduction.md, "Measured on this kind of machine": the tiny tower is pretrained on such
+patterns).
 
     >>> import numpy as np
     >>> img = pattern_image("stripes", np.random.default_rng(0), 32)

@@ -1,4 +1,6 @@
-"""Image and mask preprocessing for CLIP: bicubic resize, CLIP mean/std (REFERENCE.md, "Backbone").
+"""Image and mask preprocessing for CLIP: bicubic resize, CLIP mean/std.
+
+docs/reproduction.md, "Backbone".
 
 Masks are resized bilinearly and thresholded at 0.5, so a mask stays binary at any size.
 

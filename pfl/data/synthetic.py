@@ -3,7 +3,7 @@
 No dataset can be downloaded here, so the default profile trains and tests on photographs that
 installed packages ship (``skimage.data``, scikit-learn's sample images), split into domains
 with disjoint categories, as the paper trains on VisA and tests zero-shot on MVTec-AD
-(REFERENCE.md, "Data layout"; appendix Section C):
+(docs/reproduction.md, "Data layout"; appendix Section C):
 
 - ``pretrain``: procedural patterns (:mod:`pfl.data.patterns`), drawn on the fly, never written;
   for pretraining the offline tiny CLIP.

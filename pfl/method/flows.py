@@ -1,6 +1,6 @@
 """Planar prompt flows: the step, the K-stack, the Gaussian start q0, and the ISD/IAD module.
 
-REFERENCE.md "Prompt flow (ISD and IAD)"; appendix Algorithm 1, Eq. A.1 and Eq. A.5.
+docs/reproduction.md, "Prompt flow"; appendix Algorithm 1, Eq. A.1 and Eq. A.5.
 
 A planar step (Rezende & Mohamed, "Variational Inference with Normalizing Flows", ICML 2015)
 maps ``z' = z + u tanh(w^T z + b)``. By the matrix determinant lemma its Jacobian
@@ -68,7 +68,7 @@ def planar_step(
     """One planar step ``z' = z + u tanh(w^T z + b)`` and its ``log|det dz'/dz|``.
 
     ``log|det| = log|1 + u^T psi|``, ``psi = (1 - tanh^2(w^T z + b)) w`` (matrix determinant
-    lemma; REFERENCE.md "Prompt flow", appendix Eq. A.1).
+    lemma; docs/reproduction.md, "Prompt flow", appendix Eq. A.1).
 
     Args:
         z: ``(..., D)`` points.
@@ -287,7 +287,7 @@ class FlowSample:
 
 
 class PromptFlow(nn.Module):
-    """q0 from :class:`GaussianEncoder`, then K planar steps (REFERENCE.md "Prompt flow").
+    """q0 from :class:`GaussianEncoder`, then K planar steps (docs/reproduction.md, "Prompt flow").
 
     ``amortised=True`` (ISD): ``u, w (K, D)`` and ``b (K,)`` come from ``xi`` through Linear
     layers, one set per image. ``amortised=False`` (IAD): ``u, w, b`` are free parameters

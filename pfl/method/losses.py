@@ -1,8 +1,9 @@
 """Bayes-PFL's training losses: focal, dice, cross-entropy, flow, orthogonality, and the total.
 
-REFERENCE.md "Maps, scores, losses"; appendix Eq. A.2 (L_cls + L_focal + L_dice), Eq. A.3
-(focal), Eq. A.4 (dice); the flow terms come from :class:`pfl.method.flows.PromptFlow` (Eq. A.1 /
-Eq. A.5); L_ort is the mean squared off-diagonal cosine similarity inside each prompt bank.
+docs/reproduction.md, "Maps, scores and losses"; appendix Eq. A.2 (L_cls + L_focal + L_dice),
+Eq. A.3 (focal), Eq. A.4 (dice); the flow terms come from :class:`pfl.method.flows.PromptFlow`
+(Eq. A.1 / Eq. A.5); L_ort is the mean squared off-diagonal cosine similarity inside each prompt
+bank.
 
 >>> import torch
 >>> p = torch.full((1, 2, 2), 0.5); y = torch.tensor([[[0.0, 1.0], [1.0, 0.0]]])
@@ -180,7 +181,9 @@ def bayes_pfl_loss(
     dice_smooth: float = 1.0,
     loss_form: str | None = None,
 ) -> LossTerms:
-    """The auxiliary training loss (appendix Eq. A.1-A.4, REFERENCE.md "losses").
+    """The auxiliary training loss (appendix Eq. A.1-A.4).
+
+    docs/reproduction.md, "Maps, scores and losses".
 
     Args:
         pixel_probs: abnormal probabilities per layer at mask size, ``(L, N, H, W)`` or a list
@@ -195,7 +198,7 @@ def bayes_pfl_loss(
             gives ``ort = 0``.
         cfg: a :class:`pfl.config.TrainConfig`; its ``flow_weight``, ``ort_weight`` and
             ``focal_gamma`` are used where the explicit arguments are ``None``.
-        flow_weight, ort_weight, focal_gamma: defaults 0.01, 1, 2 (REFERENCE.md).
+        flow_weight, ort_weight, focal_gamma: defaults 0.01, 1, 2 (docs/reproduction.md).
         dice_smooth: see :func:`dice_loss` (paper form only).
         loss_form: ``"paper"`` (default) or ``"official"``: the authors' focal, dice and L_ort
             (:func:`pfl.method.official.official_focal`, ``official_dice``,

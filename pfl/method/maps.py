@@ -1,12 +1,13 @@
 """Anomaly maps from patch-level logit differences, fused: upsample -> sigmoid -> mean.
 
-REFERENCE.md "Maps, scores, losses": the abnormal probability of one (normal, abnormal) prompt
-pair at one layer is ``sigmoid(up(d))``, ``d`` the abnormal minus normal pixel logit on the
-``h x w`` patch grid and ``up`` bilinear upsampling to the ``H x W`` image; the anomaly map is
-the mean over layers and the ``M = B x R`` pairs. The sigmoid is not linear, so the mean
-cannot move before the upsampling: every pair needs its own full-resolution probabilities.
-Stored, they are ``L x M x H x W`` values per image (4 x 30 x 518 x 518 = 32 M at 518 px),
-and producing, storing and re-reading them was most of Bayes-PFL's inference time on a CPU.
+docs/reproduction.md, "Maps, scores and losses": the abnormal probability of one (normal,
+abnormal) prompt pair at one layer is ``sigmoid(up(d))``, ``d`` the abnormal minus normal pixel
+logit on the ``h x w`` patch grid and ``up`` bilinear upsampling to the ``H x W`` image; the
+anomaly map is the mean over layers and the ``M = B x R`` pairs. The sigmoid is not linear, so
+the mean cannot move before the upsampling: every pair needs its own full-resolution
+probabilities. Stored, they are ``L x M x H x W`` values per image (4 x 30 x 518 x 518 = 32 M at
+518 px), and producing, storing and re-reading them was most of Bayes-PFL's inference time on a
+CPU.
 
 :func:`fused_maps` never stores them. Bilinear upsampling is separable and local: with the
 ``(W, w)`` interpolation matrix ``A_w`` (two non-zeros a row) the columns are upsampled once on

@@ -1,6 +1,6 @@
 """Bayes-PFL: frozen CLIP + prompt banks + prompt flows + RCA -> anomaly maps and scores.
 
-REFERENCE.md, "Prompts", "Prompt flow (ISD and IAD)", "RCA", "Maps, scores, losses";
+docs/reproduction.md, "Prompts", "Prompt flow", "RCA", "Maps, scores and losses";
 appendix A.1 and Algorithm 1. For a batch of N images and R Monte Carlo samples:
 
 1. The frozen image tower gives the global feature ``g (N, E)`` and the residual stream of L
@@ -81,7 +81,7 @@ from pfl.method.rca import RCA, LayerProjections
 from pfl.method.sampling import PromptNoise, draw_seeds, prompt_noise
 from pfl.utils import generator_for
 
-TAU_INIT = math.log(1 / 0.07)  # REFERENCE.md "Maps, scores, losses": tau init log(1/0.07)
+TAU_INIT = math.log(1 / 0.07)  # docs/reproduction.md, "Maps, scores and losses"
 
 
 @dataclass
@@ -208,7 +208,7 @@ class BayesPFL(nn.Module):
         return [p for n, p in self.named_parameters() if not n.startswith("backbone.")]
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Trainable parameters by the authors' learning-rate groups (REFERENCE.md "losses").
+        """Trainable parameters by the authors' learning-rate groups (docs/authors-code.md).
 
         ``prompts`` (the bank), ``temperatures``, ``flows`` (planar parameters and heads, the
         IAD state vectors), ``rest`` (q0 encoders, projections, RCA, phi).
@@ -373,7 +373,8 @@ class BayesPFL(nn.Module):
         pairs = text[:, banks.to(text.device)].reshape(n, -1, 2, text.shape[-1])  # (N, M, 2, E)
         M = pairs.shape[1]
 
-        # Pixel logits per layer: only abnormal - normal is needed (REFERENCE.md "Maps").
+        # Pixel logits per layer: only abnormal - normal is needed (docs/reproduction.md,
+        # "Maps, scores and losses").
         fs = self.proj(patches)  # (N, L, T, E)
         refined = self.rca(pairs.reshape(n, 2 * M, -1), fs).view(n, fs.shape[1], M, 2, -1)
         diff = torch.einsum("nlte,nlme->nlmt", fs, refined[..., 1, :] - refined[..., 0, :])
@@ -383,7 +384,7 @@ class BayesPFL(nn.Module):
         maps = fused_maps(diff, (S, S), self.cfg.official_compat, n_samples=R if map_std else None)
         layer_maps = maps.layer_maps
 
-        # Global logits through phi (REFERENCE.md "Maps, scores, losses").
+        # Global logits through phi (docs/reproduction.md, "Maps, scores and losses").
         t_img = F.normalize(self.phi(pairs), dim=-1)
         g_img = self.global_head(g, patches) if self.second_stage_active else g
         glob = self.tau_img.exp() * torch.einsum("nmse,ne->nms", t_img,

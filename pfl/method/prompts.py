@@ -1,6 +1,6 @@
 """Prompts of Bayes-PFL: class-name words, the token template, splicing, the learnable banks.
 
-REFERENCE.md, "Prompts": the class-aware template is
+docs/reproduction.md, "Prompts": the class-aware template is
 ``[SOS] [P context vectors] [Q state vectors] <class words> [EOT]``, padded to 77 tokens.
 The token ids are built once per class with ``P + Q`` placeholder tokens ("X"); the learnable
 vectors (plus one flow sample each, see :mod:`pfl.method.model`) replace the placeholders' rows of
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-# REFERENCE.md, "Prompts": the paper's mapping of dataset class names to words.
+# docs/reproduction.md, "Prompts": the paper's mapping of dataset class names to words.
 CLASS_WORDS = {
     "pcb1": "printed circuit board",
     "pcb2": "printed circuit board",
@@ -62,7 +62,7 @@ class PromptSkeleton:
 
     Attributes:
         ids: ``(C, L)`` token ids, cut right after the longest EOT (the text path cuts there
-            anyway: REFERENCE.md "Prompts", the causal mask makes it exact).
+            anyway: docs/reproduction.md, "Prompts": the causal mask makes it exact).
         eot: ``(C,)`` index of each row's EOT token.
         start: index of the first learnable token (1: right after SOS).
         n_ctx, n_state: P and Q.
@@ -171,9 +171,9 @@ class PromptTemplates:
 
 
 class PromptBank(nn.Module):
-    """B context prompts and B normal / B abnormal state prompts (REFERENCE.md "Prompts").
+    """B context prompts and B normal / B abnormal state prompts (docs/reproduction.md, "Prompts").
 
-    Init (REFERENCE.md "Prompts", the authors' ``trunc_normal_``): std 0.02 around mean 0
+    Init (docs/reproduction.md, "Prompts", the authors' ``trunc_normal_``): std 0.02 around mean 0
     (context), +0.5 (normal states), -0.5 (abnormal states); truncated at +-2 (absolute, as
     ``torch.nn.init.trunc_normal_`` does), which for the state means clips nothing.
 
@@ -200,7 +200,7 @@ class PromptBank(nn.Module):
 
     def sequences(self, token_emb: Tensor, isd: Tensor, iad: Tensor, start: int = 1,
                   banks: Tensor | None = None) -> Tensor:
-        """Every prompt's embedding sequence for a batch (REFERENCE.md "Prompts").
+        """Every prompt's embedding sequence for a batch (docs/reproduction.md, "Prompts").
 
         One ISD sample is added to all P context tokens, one IAD sample (normal flow for the
         normal prompt, abnormal flow for the abnormal one) to all Q state tokens.

@@ -1,6 +1,6 @@
 """Patch features for Bayes-PFL and the text refinement against them (RCA).
 
-REFERENCE.md "Backbone" (per-layer projections of the patch tokens) and "RCA" (residual
+docs/reproduction.md, "Backbone" (per-layer projections of the patch tokens) and "RCA" (residual
 cross-attention of the text features to the patches of each layer).
 """
 
@@ -12,7 +12,9 @@ from torch import Tensor, nn
 
 
 class LayerProjections(nn.Module):
-    """Per-layer bias-free ``Linear(W_v -> E)``, then L2 normalisation (REFERENCE.md "Backbone").
+    """Per-layer bias-free ``Linear(W_v -> E)``, then L2 normalisation.
+
+    docs/reproduction.md, "Backbone".
 
     One ``(L, E, W_v)`` weight so that all layers are one ``einsum``.
     """
@@ -27,7 +29,7 @@ class LayerProjections(nn.Module):
 
 
 class RCA(nn.Module):
-    """Text refinement with the patches of each layer (REFERENCE.md "RCA").
+    """Text refinement with the patches of each layer (docs/reproduction.md, "RCA").
 
     ``Q = Linear(E -> E, bias)(F_t)`` (shared by layers), ``K = V = F_s``, ``heads`` heads,
     scale ``E^-0.5`` of the joint width (not the head width), softmax over patches, no output

@@ -1,6 +1,6 @@
 """Where Bayes-PFL's randomness comes from: one noise stream per image, seeded by the image.
 
-REFERENCE.md "Prompt flow (ISD and IAD)": every image draws R standard-normal vectors for the
+docs/reproduction.md, "Prompt flow": every image draws R standard-normal vectors for the
 ISD flow and R for each IAD flow (normal, abnormal). This module decides which numbers those
 are, and nothing else (the flows turn them into prompt offsets, :mod:`pfl.method.flows`).
 

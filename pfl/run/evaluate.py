@@ -1,7 +1,7 @@
 """Zero-shot evaluation of a trained method on every category of a target dataset.
 
-REFERENCE.md, "Maps, scores, losses" and "Metrics"; appendix A.1 (R = 10 at inference) and
-Tables A.4-A.9. R is the method's own (``ModelConfig.mc_test``) unless
+docs/reproduction.md, "Maps, scores and losses" and "Metrics"; appendix A.1 (R = 10 at
+inference) and Tables A.4-A.9. R is the method's own (``ModelConfig.mc_test``) unless
 ``EvalConfig.mc_samples`` sets it for this evaluation; methods that draw no samples (the
 peers) have no R and ignore it.
 
@@ -154,9 +154,9 @@ def linear_probe_auroc(train: FeatureStore, test: FeatureStore, feature: str = "
     """A ceiling for image scores computed from one frozen feature: logistic regression
     (scikit-learn) fitted on ``train``'s image labels, scored on ``test``'s unseen categories.
 
-    Bayes-PFL's global score is a function of the CLS feature alone (REFERENCE.md, "Global
-    score"), so when a *supervised* probe of that feature does not transfer to the target
-    categories, no training of the prompts can make the global score transfer either.
+    Bayes-PFL's global score is a function of the CLS feature alone (docs/reproduction.md,
+    "Maps, scores and losses"), so when a *supervised* probe of that feature does not transfer
+    to the target categories, no training of the prompts can make the global score transfer either.
 
     Args:
         feature: ``"global"`` (the projected CLS feature) or ``"patch_mean"`` (the mean

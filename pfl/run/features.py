@@ -1,7 +1,7 @@
 """Frozen image-tower features computed once per dataset split, cached, and served as batches.
 
-Both CLIP towers are frozen (REFERENCE.md, "Backbone"), so an image's ``ImageFeatures`` never
-change during training or evaluation: :func:`extract` encodes a dataset split once and keeps
+Both CLIP towers are frozen (docs/reproduction.md, "Backbone"), so an image's ``ImageFeatures``
+never change during training or evaluation: :func:`extract` encodes a dataset split once and keeps
 the features with the masks, labels, class names and paths in a :class:`FeatureStore`.
 Training then costs only the new modules, which is what makes CPU training and the notebooks
 fast. A store can also be kept on disk (``runs/cache/<key>.safetensors``), keyed by a hash of

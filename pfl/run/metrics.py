@@ -1,4 +1,6 @@
-"""Image and pixel anomaly-detection metrics per category, and AUPRO (REFERENCE.md, "Metrics").
+"""Image and pixel anomaly-detection metrics per category, and AUPRO.
+
+docs/reproduction.md, "Metrics".
 
 The paper reports, per category and then as the mean over categories (appendix Tables A.4-A.9):
 image-level AUROC, AP and F1-max; pixel-level AUROC, AP, F1-max and PRO (the area under the

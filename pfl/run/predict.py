@@ -21,7 +21,7 @@ Everything is written into a hidden folder beside ``DIR`` and renamed to ``DIR``
 so a run's outputs appear together or not at all. Inputs, the output folder and the
 checkpoint folder are checked before the model loads (:func:`check_inputs`).
 
-The model is class-aware (REFERENCE.md, "Prompts"): it needs the object's name
+The model is class-aware (docs/reproduction.md, "Prompts"): it needs the object's name
 (``--class-name``, default ``"object"``). Maps are blurred as in evaluation (sigma 8 px at
 518 px, scaled to the input size, :mod:`pfl.run.evaluate`) and resized to each image's own
 size for the overlay.

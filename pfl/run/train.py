@@ -4,7 +4,7 @@ Appendix A.1: the new modules train on the auxiliary dataset only (VisA for ever
 MVTec-AD when the target is VisA) with Adam, lr 1e-4, batch 32, 20 epochs; R = 1 and one
 random bank index per step (both are the method's business, in ``training_step``).
 
-Named options where the authors' code differs (REFERENCE.md, "Maps, scores, losses"):
+Named options where the authors' code differs (docs/authors-code.md):
 
 - ``TrainConfig.optimizer = "paper"`` (default): one Adam group at ``cfg.lr``, betas
   (0.9, 0.999), constant lr. ``"official"``: the code's per-group lrs (:data:`OFFICIAL_LRS`:

@@ -1,12 +1,12 @@
 """An ipywidgets explorer of anomaly maps: dataset, category, image, method, R, sigma, threshold.
 
-Pick a dataset, a category and an image; see the image with its ground-truth outline (green)
-and the predicted region at the threshold (red), the anomaly map and the thresholded map. The
-sliders change the number of Monte Carlo samples R (Bayes-PFL only: the peers draw nothing),
-the Gaussian smoothing sigma (given in pixels at 518 px and scaled to the image size, as
-:mod:`pfl.run.evaluate` does; REFERENCE.md "Maps, scores") and the decision threshold; the image
-score and the per-image metrics (:func:`per_image_metrics`) update on every change. A toggle
-switches between Bayes-PFL and the peer methods passed in.
+Pick a dataset, a category and an image; see the image with its ground-truth outline (green) and
+the predicted region at the threshold (red), the anomaly map and the thresholded map. The
+sliders change the number of Monte Carlo samples R (Bayes-PFL only: the peers draw nothing), the
+Gaussian smoothing sigma (given in pixels at 518 px and scaled to the image size, as
+:mod:`pfl.run.evaluate` does; docs/reproduction.md, "Maps, scores and losses") and the decision
+threshold; the image score and the per-image metrics (:func:`per_image_metrics`) update on every
+change. A toggle switches between Bayes-PFL and the peer methods passed in.
 
 Predictions are cached per (method, dataset, image, R): moving sigma or the threshold only
 re-smooths and re-thresholds. Each image draws its Monte Carlo noise from its own seed
