@@ -100,18 +100,7 @@ def test_load_torch_pickle_and_torchscript_archive(tmp_path):
     load_weights(dst, tmp_path / "w.pt")
     assert torch.equal(dst.visual.proj, src.visual.proj)
 
-    class Holder(torch.nn.Module):  # carries the same parameter names as the CLIP model
-        def __init__(self, m):
-            super().__init__()
-            for name, p in m.named_parameters(recurse=False):
-                self.register_parameter(name, p)
-            for name, child in m.named_children():
-                self.add_module(name, child)
-
-        def forward(self, x):
-            return x
-
-    traced = torch.jit.trace(Holder(src), torch.zeros(1))
+    traced = torch.jit.trace(_holder(src), torch.zeros(1))
     traced.save(str(tmp_path / "openai.pt"))
     dst2 = create_clip(BackboneConfig(model_name="pfl-tiny", image_size=112, init_seed=7))
     load_weights(dst2, tmp_path / "openai.pt")
