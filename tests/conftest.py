@@ -6,7 +6,6 @@ import torch
 from pfl.clip.backbone import Backbone
 from pfl.config import BackboneConfig
 
-
 # tests/lab/check_lab.py is a script (make check-lab), not a test module.
 collect_ignore = ["lab"]
 
