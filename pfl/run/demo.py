@@ -18,12 +18,12 @@ from pathlib import Path
 
 from pfl.clip.backbone import load_backbone
 from pfl.config import Profile, active
-from pfl.run.checkpoints import CHECKPOINT, HISTORY, RESUME, build_method
+from pfl.run.checkpoints import CHECKPOINT, RESUME, build_method
 from pfl.run.evaluate import evaluate_profile, summary_frame, write_tables
 from pfl.run.features import data_root, profile_store
 from pfl.run.results import Results, Table
 from pfl.run.train import History, fit
-from pfl.utils import atomic_write_text
+from pfl.utils import atomic_write_text, latest_point
 from pfl.viz.plots import plot_loss_terms, save_figure
 
 METHOD_LABEL = "Bayes-PFL"
@@ -34,7 +34,7 @@ def epochs_done(run_dir: str | Path) -> int:
     """Epochs a run folder already holds, which :func:`pfl.run.train.fit` resumes from (0 for
     a new folder: fit starts afresh when there is no resume point)."""
     run_dir = Path(run_dir)
-    if not ((run_dir / RESUME / "state.pt").is_file() and (run_dir / HISTORY).is_file()):
+    if latest_point(run_dir / RESUME) is None:  # the resume points of pfl.run.train.fit
         return 0
     return len(History.load(run_dir).epochs)
 
