@@ -167,7 +167,7 @@ def reference_bayes_pfl(model: BayesPFL, images: torch.Tensor, cls_names: list[s
             # One sample at a time: the ISD offset (context) and the two IAD offsets (states).
             offsets = []
             for r in range(R):
-                isd = model.isd(g, 1, eps=eps[0, r].view(1, 1, D)).z.view(D)
+                isd = model.isd(model.isd_input(g), 1, eps=eps[0, r].view(1, 1, D)).z.view(D)
                 iad = [flow(model.iad_state[s:s + 1], 1, eps=eps[1 + s, r].view(1, 1, D)).z.view(D)
                        for s, flow in enumerate((model.iad_normal, model.iad_abnormal))]
                 offsets.append((isd, iad))

@@ -10,7 +10,7 @@ numbers on two CPUs (README, "Same numbers on any CPU").
 Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/sensitivity.py                      # the smoke recipe
-    OMP_NUM_THREADS=1 python benchmarks/sensitivity.py --lr 1e-2 --eps 1e-2 --flow-type gaussian
+    OMP_NUM_THREADS=1 python benchmarks/sensitivity.py --isd-condition raw   # the authors' input
 """
 
 from __future__ import annotations
@@ -58,9 +58,12 @@ def main(argv=None) -> int:
     ap.add_argument("--flow-type", default="planar", choices=("planar", "gaussian"))
     ap.add_argument("--invertible", action="store_true", help="u-hat planar steps")
     ap.add_argument("--flow-weight", type=float, default=0.01)
+    ap.add_argument("--isd-condition", default="unit", choices=("unit", "raw"),
+                    help="what the ISD reads (ModelConfig.isd_condition); raw: the authors' code")
     args = ap.parse_args(argv)
     profile = pfl.setup("smoke").replace(
-        model={"flow_type": args.flow_type, "invertible": args.invertible},
+        model={"flow_type": args.flow_type, "invertible": args.invertible,
+               "isd_condition": args.isd_condition},
         train={"flow_weight": args.flow_weight}, data={"feature_cache": "memory"})
     backbone = load_backbone(profile.backbone)
     store = profile_store(profile, backbone, profile.data.aux, profile.data.aux_split,
@@ -72,7 +75,8 @@ def main(argv=None) -> int:
     rel = [float(torch.sqrt(sum(((x - y) ** 2).sum() for x, y in zip(A, B)))
                  / torch.sqrt(sum((x ** 2).sum() for x in A))) for A, B in zip(a, b)]
     print(f"flow {args.flow_type}{' (u-hat)' if args.invertible else ''}, lr {args.lr:g}, "
-          f"eps {args.eps:g}, flow weight {args.flow_weight:g}; final loss {la[-1]:.4f}")
+          f"eps {args.eps:g}, flow weight {args.flow_weight:g}, ISD input {args.isd_condition}; "
+          f"final loss {la[-1]:.4f}")
     print("step               ", " ".join(f"{5 * (i + 1):>8d}" for i in range(len(rel))))
     print("|loss difference|  ", " ".join(f"{abs(x - y):8.1e}" for x, y in zip(la[4::5], lb[4::5])))
     print("param rel. diff.   ", " ".join(f"{r:8.1e}" for r in rel))

@@ -59,6 +59,11 @@ class ModelConfig:
     init: str = "pfl"  # "pfl" (flows start at identity, q0 std 0.02) | "official" (authors')
     iad_logdet_per_batch: bool = False  # True: authors' IAD flow loss, sum log|det| / batch N
     second_stage: bool = False  # True: authors' Global_Feature head for the image logits
+    # What the ISD reads: "unit" (pfl default) the global feature scaled to unit L2 norm;
+    # "raw" (the authors' code) the feature as the tower gives it. The paper does not say.
+    # With "raw", each Adam step moves the amortised flow's u, w, b by lr x ||xi||_1 (~90 on
+    # the tiny tower), which makes training chaotic (benchmarks/sensitivity.py).
+    isd_condition: str = "unit"
 
 
 @dataclass
@@ -219,7 +224,8 @@ def official(base: Profile | None = None) -> Profile:
     base = base or paper()
     out = base.replace(
         model={"official_compat": True, "share_iad_samples": True, "init": "official",
-               "iad_logdet_per_batch": True, "second_stage": True},
+               "iad_logdet_per_batch": True, "second_stage": True,
+               "isd_condition": "raw"},
         train={"optimizer": "official", "loss_form": "official", "selection": "official_target",
                "selection_metric": "pixel_ap", "patience": 3, "second_stage_epochs": 1},
         eval={"image_score": "official"},

@@ -287,7 +287,7 @@ class BayesPFL(nn.Module):
         Vectorised over samples and images: one call per flow.
         """
         R = noise.isd.shape[0]
-        isd = self.isd(global_feature, R, eps=noise.isd)
+        isd = self.isd(self.isd_input(global_feature), R, eps=noise.isd)
         n_iad = noise.iad.shape[2]
         # The authors' IAD loss divides the log-det sum by the batch size N (their prior term
         # has N rows, the flow one); only meaningful with shared IAD samples.
@@ -296,6 +296,25 @@ class BayesPFL(nn.Module):
                for s, flow in enumerate((self.iad_normal, self.iad_abnormal))]
         losses = {"isd": isd.loss, "normal": iad[0].loss, "abnormal": iad[1].loss}
         return isd.z, torch.stack([iad[0].z, iad[1].z]), losses
+
+    def isd_input(self, global_feature: Tensor) -> Tensor:
+        """What the ISD is conditioned on (``ModelConfig.isd_condition``).
+
+        ``"unit"``: ``g / ||g||``. Adam moves every weight by about lr per step, so an
+        amortised head's output moves by about ``lr * ||xi||_1`` per step: ~90 lr for the tiny
+        tower's raw global feature (norm ~14, E = 64), i.e. u jumps by several times the 0.02
+        token scale at lr 1e-3 and training amplifies a 1e-12 difference to order 1 within
+        30 steps. On the unit sphere the same step is ~8 lr and the difference stays ~1e-9
+        (``benchmarks/sensitivity.py``, README "Same numbers on any CPU"). CLIP compares
+        global features by direction only, so the direction is what the ISD sees.
+        ``"raw"``: the feature as is (the authors' code; the paper does not say).
+        """
+        mode = self.cfg.isd_condition
+        if mode == "unit":
+            return F.normalize(global_feature, dim=-1)
+        if mode == "raw":
+            return global_feature
+        raise ValueError(f"ModelConfig.isd_condition must be 'unit' or 'raw', got {mode!r}")
 
     def encode_prompts(self, class_names: Sequence[str], isd: Tensor, iad: Tensor) -> Tensor:
         """All ``N x B x R x 2`` prompts in one text-tower call -> ``(N, B, R, 2, E)``."""
