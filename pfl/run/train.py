@@ -653,9 +653,13 @@ def fit_seeds(
     eval_cfg: EvalConfig | None = None,
     profile: Profile | None = None,
     progress: bool | None = None,
+    resume: bool = True,
 ) -> SeedSummary:
     """Train one method per seed (``make_method(seed)``, ``cfg.seed = seed``) and evaluate
-    each zero-shot on ``targets``; return per-seed tables and their mean and std."""
+    each zero-shot on ``targets``; return per-seed tables and their mean and std.
+
+    ``resume`` is :func:`fit`'s: ``False`` trains every seed from scratch even where
+    ``out_dir`` holds a finished run (a notebook that shows training, re-executed)."""
 
     eval_cfg = eval_cfg or EvalConfig()
     tables: dict[int, dict[str, pd.DataFrame]] = {}
@@ -664,7 +668,8 @@ def fit_seeds(
         method = make_method(seed)
         run_cfg = dataclasses.replace(cfg, seed=seed)
         histories[seed] = fit(method, train, run_cfg, Path(out_dir) / f"seed{seed}",
-                              profile=profile, eval_cfg=eval_cfg, progress=progress)
+                              profile=profile, eval_cfg=eval_cfg, progress=progress,
+                              resume=resume)
         tables[seed] = {
             name: evaluate(method, store, dataclasses.replace(eval_cfg, seed=seed), name=name,
                            progress=progress).table
