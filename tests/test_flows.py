@@ -278,6 +278,23 @@ def test_reverse_kl_fit_moves_q_toward_target():
     assert hist[-1] < 0.1 < hist[0]  # KL(q || p) (normalised target) from > 1 to ~0
 
 
+def test_reverse_kl_schedule_cosine_ends_near_zero_and_unknown_is_refused(monkeypatch):
+    seen = []
+    step = torch.optim.Adam.step
+
+    def spy(self, *a, **k):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    flow = PromptFlow(2, 1, hidden=4, n_steps=1, amortised=False, init_std=1.0)
+    fit_reverse_kl(flow, lambda z: -0.5 * (z * z).sum(-1), torch.ones(1, 1), steps=10, batch=4,
+                   lr=1e-2, generator=torch.Generator().manual_seed(0))
+    assert seen[0] == pytest.approx(1e-2) and seen[-1] < 1e-3 and seen == sorted(seen)[::-1]
+    with pytest.raises(ValueError, match="schedule"):
+        fit_reverse_kl(flow, lambda z: z.sum(-1), torch.ones(1, 1), steps=1, schedule="linear")
+
+
 def test_generator_init_leaves_the_global_rng_alone_and_keeps_the_encoder():
     # with a generator every init draw comes from it: the global stream is not consumed, and
     # the encoder (drawn first) is the same whether or not planar heads follow
