@@ -64,6 +64,9 @@ class ModelConfig:
     # With "raw", each Adam step moves the amortised flow's u, w, b by lr x ||xi||_1 (~90 on
     # the tiny tower), which makes training chaotic (benchmarks/sensitivity.py).
     isd_condition: str = "unit"
+    # Prior of the flow loss N(0, prior_std^2 I) (appendix Eq. A.1 / A.5); paper: N(0, I). The
+    # samples perturb token embeddings of std ~0.02 (README "Measured": prior scale vs L_ort).
+    prior_std: float = 1.0
 
 
 @dataclass

@@ -278,6 +278,40 @@ def test_reverse_kl_fit_moves_q_toward_target():
     assert hist[-1] < 0.1 < hist[0]  # KL(q || p) (normalised target) from > 1 to ~0
 
 
+def test_scaled_prior_log_prob_and_kl_match_torch_distributions():
+    g = torch.Generator().manual_seed(3)
+    z = 0.05 * torch.randn(4, 6, generator=g, dtype=torch.float64)
+    for s in (1.0, 0.02):
+        want = Normal(torch.zeros(6, dtype=torch.float64), s).log_prob(z).sum(-1)
+        assert torch.allclose(std_normal_log_prob(z, s), want, atol=1e-10)
+        mu = 0.03 * torch.randn(6, generator=g, dtype=torch.float64)
+        std = 0.01 + 0.02 * torch.rand(6, generator=g, dtype=torch.float64)
+        want_kl = torch.distributions.kl_divergence(
+            Normal(mu, std), Normal(torch.zeros(6, dtype=torch.float64), s)).sum()
+        assert torch.allclose(gaussian_kl_to_std_normal(mu, std, s), want_kl, atol=1e-10)
+
+
+def test_prior_std_sets_the_flow_loss_prior_and_is_validated():
+    torch.manual_seed(0)
+    xi = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    eps = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(2))
+    for flow_type in ("planar", "gaussian"):
+        a = PromptFlow(5, 4, n_steps=2, flow_type=flow_type,
+                       generator=torch.Generator().manual_seed(0))
+        b = PromptFlow(5, 4, n_steps=2, flow_type=flow_type, prior_std=0.02,
+                       generator=torch.Generator().manual_seed(0))
+        oa, ob = a(xi, 2, eps=eps), b(xi, 2, eps=eps)
+        assert torch.equal(oa.z, ob.z)  # the prior changes the loss only
+        if flow_type == "planar":
+            want = (ob.log_q - Normal(0.0, 0.02).log_prob(ob.z).sum(-1)).mean(0)
+        else:
+            want = torch.distributions.kl_divergence(Normal(ob.mu, ob.sigma),
+                                                     Normal(0.0, 0.02)).sum(-1)
+        assert torch.allclose(ob.loss, want, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="prior_std"):
+        PromptFlow(5, 4, prior_std=0.0)
+
+
 def test_reverse_kl_schedule_cosine_ends_near_zero_and_unknown_is_refused(monkeypatch):
     seen = []
     step = torch.optim.Adam.step

@@ -127,20 +127,30 @@ def planar_flow(
     return z, total
 
 
-def std_normal_log_prob(z: Tensor) -> Tensor:
-    """``log N(z; 0, I)`` summed over the last dim: ``(..., D) -> (...)``."""
-    return -0.5 * (z * z).sum(-1) - 0.5 * z.shape[-1] * _LOG_2PI
+def std_normal_log_prob(z: Tensor, scale: float = 1.0) -> Tensor:
+    """``log N(z; 0, scale^2 I)`` summed over the last dim: ``(..., D) -> (...)``.
+
+    ``scale = 1`` is the paper's prior ``N(0, I)``; see ``PromptFlow``'s ``prior_std``.
+    """
+    if scale == 1.0:
+        return -0.5 * (z * z).sum(-1) - 0.5 * z.shape[-1] * _LOG_2PI
+    y = z / scale
+    return -0.5 * (y * y).sum(-1) - z.shape[-1] * (math.log(scale) + 0.5 * _LOG_2PI)
 
 
-def gaussian_kl_to_std_normal(mu: Tensor, std: Tensor) -> Tensor:
-    """Closed-form ``KL(N(mu, diag std^2) || N(0, I))`` (appendix Eq. A.5): ``(..., D) -> (...)``.
+def gaussian_kl_to_std_normal(mu: Tensor, std: Tensor, scale: float = 1.0) -> Tensor:
+    """Closed-form ``KL(N(mu, diag std^2) || N(0, scale^2 I))`` (appendix Eq. A.5 for
+    ``scale = 1``): ``(..., D) -> (...)``.
 
-    ``0.5 * sum(std^2 + mu^2 - 1 - 2 log std)``.
+    ``0.5 * sum(std^2 / s^2 + mu^2 / s^2 - 1 - 2 log(std / s))``.
 
     >>> float(gaussian_kl_to_std_normal(torch.zeros(3), torch.ones(3)))
     0.0
+    >>> float(gaussian_kl_to_std_normal(torch.zeros(3), torch.full((3,), 0.02), scale=0.02))
+    0.0
     """
-    return 0.5 * (std * std + mu * mu - 1.0 - 2.0 * torch.log(std)).sum(-1)
+    r, m = std / scale, mu / scale
+    return 0.5 * (r * r + m * m - 1.0 - 2.0 * torch.log(r)).sum(-1)
 
 
 def reset_linear(layer: nn.Linear, generator: torch.Generator | None) -> None:
@@ -305,6 +315,10 @@ class PromptFlow(nn.Module):
         init_std: ``sigma`` of q0 at init.
         encoder: an existing :class:`GaussianEncoder` to use or share (the two IAD flows share
             one).
+        prior_std: the prior of the flow loss is ``N(0, prior_std^2 I)``; the paper's is
+            ``N(0, I)`` (1.0). The samples are added to token embeddings of std ~0.02, so with
+            ``N(0, I)`` the loss pulls every offset toward a scale 50 times that of the
+            tokens (README, "Measured": it holds L_ort at 1 on the smoke profile).
         generator: source of every init draw (None: torch's global RNG); the encoder (when
             built here) draws first, so it does not depend on ``flow_type``.
 
@@ -332,8 +346,12 @@ class PromptFlow(nn.Module):
         init_std: float = 0.02,
         encoder: GaussianEncoder | None = None,
         generator: torch.Generator | None = None,
+        prior_std: float = 1.0,
     ) -> None:
         super().__init__()
+        if prior_std <= 0:
+            raise ValueError(f"PromptFlow: prior_std must be > 0, got {prior_std}")
+        self.prior_std = float(prior_std)
         if flow_type not in FLOW_TYPES:
             raise ValueError(f"flow_type must be one of {FLOW_TYPES}, got {flow_type!r}")
         if n_steps < 0:
@@ -372,6 +390,7 @@ class PromptFlow(nn.Module):
             invertible=cfg.invertible,
             amortised=amortised,
             official_compat=cfg.official_compat,
+            prior_std=cfg.prior_std,
             **kw,
         )
 
@@ -418,11 +437,13 @@ class PromptFlow(nn.Module):
             )
         z0, log_q0, mu, sigma = self.encoder._sample(xi, n_samples, generator, eps)
         if self.flow_type == "gaussian":
-            return FlowSample(z0, gaussian_kl_to_std_normal(mu, sigma), log_q0, mu, sigma)
+            return FlowSample(z0, gaussian_kl_to_std_normal(mu, sigma, self.prior_std), log_q0,
+                              mu, sigma)
         u, w, b = self.flow_params(xi)
         z, sum_log_det = planar_flow(z0, u, w, b, invertible=self.invertible)
         log_q = log_q0 - sum_log_det
-        loss = (log_q0 - log_det_scale * sum_log_det - std_normal_log_prob(z)).mean(0)
+        loss = (log_q0 - log_det_scale * sum_log_det
+                - std_normal_log_prob(z, self.prior_std)).mean(0)
         return FlowSample(z, loss, log_q, mu, sigma)
 
 

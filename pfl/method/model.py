@@ -163,7 +163,8 @@ class BayesPFL(nn.Module):
             return generator_for(seed, "BayesPFL", name)
 
         flow_kw = dict(n_steps=cfg.flow_length, flow_type=cfg.flow_type,
-                       invertible=cfg.invertible, official_compat=cfg.official_compat)
+                       invertible=cfg.invertible, official_compat=cfg.official_compat,
+                       prior_std=cfg.prior_std)
         # Building an nn.Linear draws torch's default init from the global RNG before the
         # module's own generator overwrites it: keep the caller's stream untouched.
         with torch.random.fork_rng(devices=[]):
