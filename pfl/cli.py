@@ -218,6 +218,10 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--image-score", choices=("per_image", "official_minmax", "official"),
                    default=None,
                    help="image score recipe (default: the run's, per_image)")
+    p.add_argument("--uncertainty", action="store_true", default=None,
+                   help="add std_mean and std_max to samples/<dataset>.csv: per image, the "
+                   "mean and max of the per-pixel standard deviation over the R Monte Carlo "
+                   "prompt samples (unsmoothed; Bayes-PFL only)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                    help="no progress bars")
     p.set_defaults(func=_run_evaluate)
@@ -235,7 +239,8 @@ def _run_evaluate(args) -> int:
         with distributed.session():  # torchrun: the images are shared out; rank 0 writes
             results, _ = evaluate_run(args.checkpoint, out, datasets=args.datasets,
                                       progress=args.progress, mc_samples=args.mc_samples,
-                                      image_score=args.image_score)
+                                      image_score=args.image_score,
+                                      uncertainty=args.uncertainty)
     except distributed.DistributedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

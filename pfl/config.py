@@ -107,6 +107,9 @@ class EvalConfig:
     aupro: str = "exact"  # "exact" | "common" (200 thresholds, rescaled FPR)
     batch_size: int = 8
     seed: int = 0
+    # per image, the mean and max of the per-pixel std over the R samples (std_mean, std_max
+    # in samples/<dataset>.csv; unsmoothed); only for methods that sample (Bayes-PFL)
+    uncertainty: bool = False
 
 
 @dataclass

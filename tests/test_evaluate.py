@@ -195,3 +195,99 @@ def test_figure_csv_paths_are_relative_to_the_dataset_root(tmp_path):
     outside = str(tmp_path / "elsewhere.png")
     assert _relative_to_root(outside, inner) == outside
     assert _relative_to_root(inside, None) == inside
+
+
+# --------------------------------------------------------------------------- uncertainty
+
+
+@pytest.fixture(scope="module")
+def tiny_bayes():
+    """An untrained Bayes-PFL on the tiny tower (56 px) and a store of 6 noisy images."""
+    from pfl.clip.backbone import Backbone
+    from pfl.config import BackboneConfig, ModelConfig
+    from pfl.data.preprocess import image_to_tensor
+    from pfl.method.model import BayesPFL
+    from pfl.run.features import encode_dataset
+
+    size = 56
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(6):
+        mask = np.zeros((size, size), np.float32)
+        img = (rng.random((size, size, 3)) * 120 + 60).astype(np.uint8)
+        if i % 2:
+            img[10:24, 20:34] = 250
+            mask[10:24, 20:34] = 1
+        items.append({"image": image_to_tensor(img, size), "mask": torch.from_numpy(mask),
+                      "label": i % 2, "cls_name": "ab"[i // 3], "path": f"/x/{i}.png"})
+    backbone = Backbone.from_config(BackboneConfig(model_name="pfl-tiny", image_size=size))
+    store = encode_dataset(backbone, items, progress=False)
+    return BayesPFL(backbone, ModelConfig(flow_length=2, mc_test=3), seed=0).eval(), store
+
+
+def test_uncertainty_columns_are_the_std_of_the_same_r_samples(tiny_bayes):
+    model, store = tiny_bayes
+    cfg = EvalConfig(batch_size=4, seed=7, mc_samples=4)
+    plain = evaluate(model, store, cfg)
+    res = evaluate(model, store, dataclasses.replace(cfg, uncertainty=True))
+    assert "std_mean" not in plain.samples
+    assert list(res.samples.columns) == list(plain.samples.columns) + ["std_mean", "std_max"]
+    # nothing else moves: the std comes from the same predict call as the map
+    pd.testing.assert_frame_equal(res.samples[plain.samples.columns], plain.samples)
+    pd.testing.assert_frame_equal(res.table, plain.table)
+    # a fresh predict(..., map_std=True) with the evaluation's seed and R, all images at once
+    batch = next(store.batches(len(store)))
+    with torch.no_grad():
+        std = model.predict(batch, torch.Generator().manual_seed(7), n_samples=4,
+                            map_std=True).map_std.double().numpy().reshape(len(store), -1)
+    np.testing.assert_allclose(res.samples["std_mean"], std.mean(1), rtol=1e-6, atol=0)
+    np.testing.assert_allclose(res.samples["std_max"], std.max(1), rtol=1e-6, atol=0)
+    assert (res.samples["std_max"] > res.samples["std_mean"]).all()
+    assert (res.samples["std_mean"] > 0).all()  # the R draws disagree
+    # R is the slider of the std too: one sample has no spread
+    one = evaluate(model, store, EvalConfig(batch_size=4, mc_samples=1, uncertainty=True))
+    assert (one.samples["std_max"] == 0).all()
+
+
+def test_uncertainty_reaches_samples_csv_and_a_peer_is_a_clear_error(tiny_bayes, tmp_path):
+    model, store = tiny_bayes
+    cfg = EvalConfig(batch_size=4, uncertainty=True)
+    _, evals = evaluate_all(model, {"tgt": store}, cfg, out_dir=tmp_path, figures=False)
+    back = pd.read_csv(tmp_path / "samples" / "tgt.csv")
+    np.testing.assert_allclose(back["std_max"], evals["tgt"].samples["std_max"], rtol=1e-12)
+    assert back["std_mean"].notna().all()
+    # the peers draw no samples: the method is named, with the fix
+    with pytest.raises(ValueError, match=r"toy gives no per-pixel standard deviation.*"
+                       r"without --uncertainty \(EvalConfig\(uncertainty=False\)\)"):
+        evaluate(ToyMethod(), toy_store(["a"], 2), cfg)
+
+    class Silent(ToyMethod):  # takes map_std but gives none
+        name = "silent"
+
+        def predict(self, batch, generator, map_std=False):
+            return super().predict(batch, generator)
+
+    with pytest.raises(ValueError, match="silent gives no per-pixel standard deviation"):
+        evaluate(Silent(), toy_store(["a"], 2), cfg)
+
+
+def test_cli_evaluate_uncertainty_reaches_the_evaluation_config(monkeypatch, capsys):
+    from pfl import cli
+    from pfl.run import evaluate as ev
+    from pfl.run import inputs
+
+    seen = []
+
+    def fake_run(checkpoint, out, **kw):
+        seen.append(kw)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(inputs, "check_run", lambda checkpoint: {})
+    monkeypatch.setattr(ev, "evaluate_run", fake_run)
+    assert cli.main(["evaluate", "--checkpoint", "run", "--uncertainty"]) == 2
+    assert cli.main(["evaluate", "--checkpoint", "run"]) == 2
+    # absent: None, so a run's own EvalConfig.uncertainty is kept (evaluate_run ignores None)
+    assert [kw["uncertainty"] for kw in seen] == [True, None]
+    with pytest.raises(SystemExit):
+        cli.main(["evaluate", "--help"])
+    assert "--uncertainty" in capsys.readouterr().out

@@ -21,6 +21,12 @@ peers) have no R and ignore it.
    (HeadCT, BrainMRI, Br35H) the min-max normalised method score alone.
 4. Metrics per category and their mean (:func:`pfl.run.metrics.evaluate_records`), collected in a
    :class:`pfl.run.results.Results` that prints the appendix's tables.
+5. With ``EvalConfig.uncertainty`` (``pfl evaluate --uncertainty``) the per-image table
+   (``samples/<dataset>.csv``) gains ``std_mean`` and ``std_max``: the mean and maximum over
+   the image's pixels of the per-pixel standard deviation over the R Monte Carlo prompt samples
+   (``Prediction.map_std``), asked for in the same ``predict`` call as the map, so from the same
+   R draws. The std is not smoothed (step 2 applies to the map only) and changes no metric.
+   Methods that draw no samples (the peers) have none: asking is a ``ValueError``.
 
 >>> round(scaled_sigma(8.0, 518), 3), round(scaled_sigma(8.0, 224), 3)
 (8.0, 3.459)
@@ -64,6 +70,7 @@ from pfl.run.inputs import check_run
 from pfl.run.metrics import METRICS, evaluate_records, image_metrics
 from pfl.run.postprocess import (
     IMAGE_SCORES,
+    predict_with_std,
     safe_name,
     scaled_sigma,
     scaled_topk,
@@ -189,7 +196,9 @@ def linear_probe_auroc(train: FeatureStore, test: FeatureStore, feature: str = "
 @dataclass
 class PredictionSet:
     """A method's outputs on a store: smoothed maps ``(N, S, S)`` (float64 in smoke), its own
-    scores ``(N,)``, and the ground truth (masks uint8, labels, class names, paths)."""
+    scores ``(N,)``, and the ground truth (masks uint8, labels, class names, paths); with
+    ``EvalConfig.uncertainty`` the mean and max per image of the unsmoothed per-pixel std over
+    the R samples (``std_mean``, ``std_max``, ``(N,)`` float64), else None."""
 
     maps: np.ndarray
     scores: np.ndarray
@@ -199,12 +208,17 @@ class PredictionSet:
     paths: list[str]
     has_mask: bool = True
     raw_topk: np.ndarray | None = None  # (N,) top-k mean of the raw maps, k per official_topk
+    std_mean: np.ndarray | None = None
+    std_max: np.ndarray | None = None
 
 
 def predict_store(method: Method, store: FeatureStore, cfg: EvalConfig | None = None, *,
                   progress: bool | None = None, desc: str = "predict") -> PredictionSet:
     """Run ``method.predict`` on every batch of ``store`` (no gradients, one generator seeded
     with ``cfg.seed``) and blur the maps (:func:`smooth_maps`, sigma scaled to the size).
+    With ``cfg.uncertainty`` the same calls also give the per-pixel std over the R samples
+    (:func:`pfl.run.postprocess.predict_with_std`), kept as its mean and max per image
+    (unsmoothed); a method that gives none (the peers) is a ``ValueError``.
 
     Under torchrun each rank predicts one block of batches and every rank gets all of them
     back, the same arrays as one process (:mod:`pfl.run.distributed`)."""
@@ -218,6 +232,7 @@ def predict_store(method: Method, store: FeatureStore, cfg: EvalConfig | None = 
     gen = torch.Generator().manual_seed(cfg.seed)
     sigma = scaled_sigma(cfg.sigma, store.image_size)
     maps, scores, masks, labels, names, paths, raw_topk = [], [], [], [], [], [], []
+    std_mean, std_max = [], []
     state = gen.get_state()
     part = distributed.prediction_block(method, store, cfg.batch_size, gen)
     bar = tqdm(total=len(part), desc=desc, unit="img",
@@ -225,7 +240,14 @@ def predict_store(method: Method, store: FeatureStore, cfg: EvalConfig | None = 
     needs_images = bool(getattr(method, "needs_images", False))
     with torch.no_grad():
         for batch in part.batches(cfg.batch_size, with_images=needs_images):
-            pred = method.predict(batch, gen, **kw)
+            pred, std = predict_with_std(
+                method, batch, gen, cfg.uncertainty,
+                option="the std_mean/std_max columns (EvalConfig.uncertainty)",
+                fix="evaluate it without --uncertainty (EvalConfig(uncertainty=False))", **kw)
+            if std is not None:
+                flat = std.reshape(len(batch), -1)
+                std_mean.append(flat.mean(axis=1))
+                std_max.append(flat.max(axis=1))
             if pred.maps.shape != batch.masks.shape:
                 raise ValueError(f"{method.name}.predict gave maps {tuple(pred.maps.shape)} for "
                                  f"masks {tuple(batch.masks.shape)}: maps must be (N, S, S) at "
@@ -246,6 +268,8 @@ def predict_store(method: Method, store: FeatureStore, cfg: EvalConfig | None = 
         maps=np.concatenate(maps), scores=np.concatenate(scores).astype(np.float64),
         masks=np.concatenate(masks), labels=np.concatenate(labels), cls_names=names,
         paths=paths, has_mask=store.has_mask, raw_topk=np.asarray(raw_topk, dtype=np.float64),
+        std_mean=np.concatenate(std_mean) if std_mean else None,
+        std_max=np.concatenate(std_max) if std_max else None,
     ) if names else None
     pred = distributed.gather(pred, _concat_predictions)
     if pred is None:
@@ -265,7 +289,13 @@ def _concat_predictions(parts: list[PredictionSet]) -> PredictionSet | None:
         cls_names=[c for p in parts for c in p.cls_names],
         paths=[q for p in parts for q in p.paths], has_mask=parts[0].has_mask,
         raw_topk=np.concatenate([p.raw_topk for p in parts]),
+        std_mean=_concat_optional([p.std_mean for p in parts]),
+        std_max=_concat_optional([p.std_max for p in parts]),
     )
+
+
+def _concat_optional(arrays: list[np.ndarray | None]) -> np.ndarray | None:
+    return None if any(a is None for a in arrays) else np.concatenate(arrays)
 
 
 def image_scores(pred: PredictionSet, cfg: EvalConfig, name: str = "") -> np.ndarray:
@@ -288,7 +318,8 @@ class EvalResult:
 
     table: per-category metrics (fractions) and their ``mean`` row (columns
     :data:`pfl.run.metrics.METRICS`). samples: one row per image (path, category, label, image
-    score, the method's own score, map max). predictions: kept when asked for.
+    score, the method's own score, map max; with ``EvalConfig.uncertainty`` ``std_mean`` and
+    ``std_max``, module docstring step 5). predictions: kept when asked for.
     """
 
     name: str
@@ -305,7 +336,9 @@ def evaluate(method: Method, store: FeatureStore, cfg: EvalConfig | None = None,
     """Zero-shot metrics of ``method`` on every category of ``store``.
 
     Args:
-        cfg: blur sigma, image score recipe, AUPRO variant, batch size, seed.
+        cfg: blur sigma, image score recipe, AUPRO variant, batch size, seed, and
+            ``uncertainty``: the per-image ``std_mean``/``std_max`` columns of ``samples``
+            (module docstring, step 5; the blur does not apply to the std).
         name: dataset name (tables, figure names).
         keep_predictions: keep the smoothed maps in the result (memory: N x S x S floats).
         figures_dir: if given, one qualitative figure per category is written there
@@ -326,6 +359,8 @@ def evaluate(method: Method, store: FeatureStore, cfg: EvalConfig | None = None,
         "score": scores, "method_score": pred.scores,
         "map_max": pred.maps.reshape(len(pred.maps), -1).max(axis=1),
     })
+    if pred.std_mean is not None:
+        samples["std_mean"], samples["std_max"] = pred.std_mean, pred.std_max
     result = EvalResult(name=name, table=table, samples=samples,
                         predictions=pred if keep_predictions else None)
     if figures_dir is not None and distributed.is_main():
@@ -532,7 +567,8 @@ def evaluate_run(checkpoint: str | Path, out_dir: str | Path, *,
     the run, the output folder and the datasets (:func:`check_evaluation`).
 
     ``eval_overrides``: :class:`EvalConfig` fields to change for this evaluation (e.g.
-    ``mc_samples=20``, ``image_score="official_minmax"``); ``None`` values are ignored.
+    ``mc_samples=20``, ``image_score="official_minmax"``, ``uncertainty=True``); ``None``
+    values are ignored.
     """
 
     _, found = check_evaluation(checkpoint, out_dir, datasets)

@@ -29,7 +29,6 @@ size for the overlay.
 
 from __future__ import annotations
 
-import inspect
 import os
 import shutil
 import tempfile
@@ -52,7 +51,7 @@ from pfl.method.contract import Batch, Method
 from pfl.run.checkpoints import load_run
 from pfl.run.features import progress_enabled
 from pfl.run.inputs import InputImage, Inputs, check_inputs, check_output, check_run, decode_image
-from pfl.run.postprocess import scaled_sigma, smooth_maps
+from pfl.run.postprocess import predict_with_std, scaled_sigma, smooth_maps
 from pfl.utils import atomic_write
 from pfl.viz.plots import plot_prediction, save_figure
 
@@ -70,21 +69,6 @@ def overlay(image: Image.Image, anomaly_map: np.ndarray, alpha: float = 0.5) -> 
     m = np.asarray(m.resize(image.size, Image.BILINEAR))
     heat = (colormaps["jet"](m)[..., :3] * 255).astype(np.uint8)
     return Image.blend(image.convert("RGB"), Image.fromarray(heat, "RGB"), alpha)
-
-
-def _predict(method: Method, batch: Batch, gen: torch.Generator, want_std: bool):
-    """``method.predict``; with ``want_std`` asks for and returns ``Prediction.map_std``, the
-    per-pixel standard deviation over the R Monte Carlo samples ``(N, S, S)``."""
-    if want_std and "map_std" in inspect.signature(method.predict).parameters:
-        pred = method.predict(batch, gen, map_std=True)
-    else:
-        pred = method.predict(batch, gen)
-    std = getattr(pred, "map_std", None)
-    if want_std and std is None:
-        raise ValueError(f"{getattr(method, 'name', type(method).__name__)} gives no per-pixel "
-                         "standard deviation (Prediction.map_std), so --uncertainty cannot be "
-                         "shown; run without --uncertainty")
-    return pred, (None if std is None else std.detach().double().cpu().numpy())
 
 
 def publish(tmp: Path, out: Path, overwrite: bool = False) -> Path:
@@ -145,7 +129,7 @@ def predict_images(method: Method, images: Sequence[str | Path] | Inputs, out_di
                 batch = Batch(cls_names=[class_name] * len(chunk), feats=feats,
                               images=x if needs_images else None,
                               paths=[str(item.path) for item in chunk])
-                pred, stds = _predict(method, batch, gen, uncertainty)
+                pred, stds = predict_with_std(method, batch, gen, uncertainty)
                 maps = smooth_maps(pred.maps, sigma)
                 for j, (item, pil, m) in enumerate(zip(chunk, pils, maps)):
                     score = float(pred.scores[j])
