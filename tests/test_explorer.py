@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 
 import numpy as np
@@ -169,3 +170,64 @@ def test_bad_inputs_and_the_viz_entry_point(setup):
         Explorer({"Bayes-PFL": bayes}, {"x": bare})
     with pytest.raises(ValueError, match="at least one method"):
         Explorer({}, stores)
+
+
+def _fresh_std(ex: Explorer, method, r: int) -> np.ndarray:
+    """A fresh ``predict(..., map_std=True)``'s std map: the explorer's seed, the slider's R."""
+    batch = next(ex.store.select([ex.image.value]).batches(1))
+    with torch.no_grad():
+        pred = method.predict(batch, torch.Generator().manual_seed(ex.eval_cfg.seed),
+                              n_samples=r, map_std=True)
+    return pred.map_std[0].double().numpy()
+
+
+def _width(png: bytes) -> int:
+    from PIL import Image
+
+    return Image.open(io.BytesIO(png)).size[0]
+
+
+def test_uncertainty_toggle_adds_the_std_panel_and_numbers(explorer, setup):
+    bayes = setup[2]
+    assert not explorer.uncertainty.value and not explorer.uncertainty.disabled
+    assert "std_mean" not in explorer.numbers and explorer.std is None
+    png, before, n_cached = explorer.view.value, dict(explorer.numbers), len(explorer._cache)
+
+    explorer.uncertainty.value = True
+    std = _fresh_std(explorer, bayes, 3)
+    assert explorer.numbers["std_mean"] == pytest.approx(std.mean(), rel=1e-6)
+    assert explorer.numbers["std_max"] == pytest.approx(std.max(), rel=1e-6)
+    assert explorer.numbers["std_max"] > explorer.numbers["std_mean"] > 0
+    _same(before, explorer.numbers)  # the map's numbers do not move
+    assert _width(explorer.view.value) > _width(png)  # a fourth panel
+    assert "std over R samples" in explorer.summary.value
+    assert len(explorer._cache) == n_cached  # same keys; the std is stored beside the map
+
+    explorer.mc.value = 5  # the std follows the R slider
+    std5 = _fresh_std(explorer, bayes, 5)
+    assert explorer.numbers["std_mean"] == pytest.approx(std5.mean(), rel=1e-6)
+    assert explorer.numbers["std_mean"] != pytest.approx(std.mean(), rel=1e-6)
+    _same({k: v for k, v in explorer.numbers.items() if not k.startswith("std")},
+          _reference(explorer, bayes, 5))
+    explorer.mc.value = 3
+
+    explorer.uncertainty.value = False
+    assert explorer.view.value == png  # the previous rendering, byte for byte
+    assert "std_mean" not in explorer.numbers and explorer.std is None
+    _same(explorer.numbers, before)
+
+
+def test_uncertainty_is_disabled_for_a_peer(explorer):
+    explorer.uncertainty.value = True
+    assert "std_mean" in explorer.numbers
+    explorer.method.value = "APRIL-GAN"
+    assert explorer.uncertainty.disabled and explorer.mc.disabled
+    assert "std_mean" not in explorer.numbers and explorer.std is None
+    peer_png = explorer.view.value
+    explorer.uncertainty.value = False  # no effect while disabled
+    assert explorer.view.value == peer_png
+    explorer.uncertainty.value = True
+    explorer.method.value = "Bayes-PFL"
+    assert not explorer.uncertainty.disabled and "std_max" in explorer.numbers
+    with pytest.raises(ValueError, match="APRIL-GAN gives no per-pixel standard deviation"):
+        explorer.raw_std("APRIL-GAN", explorer.dataset.value, explorer.image.value, 3)

@@ -8,9 +8,18 @@ Gaussian smoothing sigma (given in pixels at 518 px and scaled to the image size
 threshold; the image score and the per-image metrics (:func:`per_image_metrics`) update on every
 change. A toggle switches between Bayes-PFL and the peer methods passed in.
 
-Predictions are cached per (method, dataset, image, R): moving sigma or the threshold only
-re-smooths and re-thresholds. Each image draws its Monte Carlo noise from its own seed
-(``seed + row``), so the numbers do not depend on the order of clicks.
+The "uncertainty" checkbox (Bayes-PFL only; disabled for methods that draw no samples) adds a
+panel with the per-pixel standard deviation over the R Monte Carlo prompt samples of the
+slider, unsmoothed (sigma applies to the map only), and puts its mean and maximum into
+:attr:`Explorer.numbers` as ``std_mean`` and ``std_max`` (absent otherwise). The std comes from
+the same ``predict`` call as the map (:func:`pfl.run.postprocess.predict_with_std`, as ``pfl
+predict --uncertainty`` and ``EvalConfig.uncertainty`` get it).
+
+Predictions are cached per (method, dataset, image, R), the std beside the map once it is
+asked for: moving sigma or the threshold only re-smooths and re-thresholds. Bayes-PFL draws
+each image's noise from the evaluation's seed and the image's content (as
+:mod:`pfl.run.evaluate` does), a peer from its own seed (``seed + row``), so the numbers do
+not depend on the order of clicks.
 
 The view is a ``widgets.Image`` holding PNG bytes rendered with a plain matplotlib
 ``Figure`` (no pyplot state), and the numbers are in :attr:`Explorer.numbers`; both can be
@@ -34,7 +43,7 @@ import torch
 from pfl.config import EvalConfig
 from pfl.data.preprocess import denormalize
 from pfl.run.features import FeatureStore
-from pfl.run.postprocess import scaled_sigma, smooth_maps
+from pfl.run.postprocess import predict_with_std, scaled_sigma, smooth_maps
 
 
 def per_image_metrics(anomaly_map: np.ndarray, mask: np.ndarray, score: float, label: int,
@@ -118,7 +127,8 @@ class Explorer:
         self.methods, self.stores = dict(methods), dict(stores)
         self.eval_cfg = eval_cfg or EvalConfig()
         self.dpi = dpi
-        self._cache: dict[tuple, tuple[np.ndarray, float]] = {}
+        # (method, dataset, row, R or None) -> (raw map, score, std over the R samples or None)
+        self._cache: dict[tuple, tuple[np.ndarray, float, np.ndarray | None]] = {}
         self._images: dict[tuple, np.ndarray] = {}
         self.numbers: dict[str, float] = {}
         self._busy = False
@@ -138,16 +148,20 @@ class Explorer:
         self.threshold = w.FloatSlider(value=threshold, min=0.0, max=1.0, step=0.01,
                                        description="threshold", style=style,
                                        continuous_update=False)
+        self.uncertainty = w.Checkbox(value=False, description="uncertainty", indent=False)
+        self.std: np.ndarray | None = None  # the std map shown, when it is
         self.view = w.Image(format="png")
         self.summary = w.HTML()
         self.widget = w.VBox([
-            w.HBox([self.dataset, self.category, self.image]), self.method,
+            w.HBox([self.dataset, self.category, self.image]),
+            w.HBox([self.method, self.uncertainty]),
             w.HBox([self.mc, self.sigma, self.threshold]), self.view, self.summary,
         ])
         self._fill_categories()
         self.dataset.observe(self._on_dataset, names="value")
         self.category.observe(self._on_category, names="value")
-        for control in (self.image, self.method, self.mc, self.sigma, self.threshold):
+        for control in (self.image, self.method, self.mc, self.sigma, self.threshold,
+                        self.uncertainty):
             control.observe(self.update, names="value")
         self.update()
 
@@ -192,24 +206,34 @@ class Explorer:
     # --- computation -------------------------------------------------------------------------
     def raw(self, method_name: str, dataset: str, row: int, r: int) -> tuple[np.ndarray, float]:
         """The unsmoothed map ``(S, S)`` and image score of one image (cached)."""
+        return self._predicted(method_name, dataset, row, r, want_std=False)[:2]
+
+    def raw_std(self, method_name: str, dataset: str, row: int, r: int) -> np.ndarray:
+        """The per-pixel standard deviation ``(S, S)`` over the R samples of one image's map
+        (cached beside the map); a ``ValueError`` for a method that draws no samples."""
+        return self._predicted(method_name, dataset, row, r, want_std=True)[2]
+
+    def _predicted(self, method_name: str, dataset: str, row: int, r: int, want_std: bool
+                   ) -> tuple[np.ndarray, float, np.ndarray | None]:
         method = self.methods[method_name]
-        key = (method_name, dataset, row, r if _samples_r(method) else None)
-        if key not in self._cache:
+        samples = _samples_r(method)
+        key = (method_name, dataset, row, r if samples else None)
+        if key not in self._cache or (want_std and self._cache[key][2] is None):
             store = self.stores[dataset]
             needs = bool(getattr(method, "needs_images", False))
             batch = next(store.select([row]).batches(1, with_images=needs))
-            seed = self.eval_cfg.seed + row
+            # Bayes-PFL: the evaluation's draws (its seed and the image's content); a peer:
+            # its own seed per image
+            seed = self.eval_cfg.seed if samples else self.eval_cfg.seed + row
             if hasattr(method, "train"):
                 method.train(False)
             with torch.no_grad():
-                if _samples_r(method):  # the evaluation's draws: seed and the image's content
-                    out = method.forward_features(batch.feats, batch.cls_names,
-                                                  seed=self.eval_cfg.seed, n_samples=r)
-                    amap, score = out.anomaly_map[0], out.score[0]
-                else:
-                    pred = method.predict(batch, torch.Generator().manual_seed(seed))
-                    amap, score = pred.maps[0], pred.scores[0]
-            self._cache[key] = (amap.float().cpu().numpy(), float(score))
+                pred, std = predict_with_std(
+                    method, batch, torch.Generator().manual_seed(seed), want_std,
+                    option="the uncertainty panel", fix="pick Bayes-PFL for it",
+                    **({"n_samples": r} if samples else {}))
+            self._cache[key] = (pred.maps[0].float().cpu().numpy(), float(pred.scores[0]),
+                                None if std is None else std[0])
         return self._cache[key]
 
     def _picture(self, dataset: str, row: int) -> np.ndarray:
@@ -225,15 +249,21 @@ class Explorer:
         if self._busy:
             return
         method = self.methods[self.method.value]
-        self.mc.disabled = not _samples_r(method)
+        self.mc.disabled = self.uncertainty.disabled = not _samples_r(method)
         store, row = self.store, int(self.image.value)
-        amap, score = self.raw(self.method.value, self.dataset.value, row, int(self.mc.value))
+        with_std = bool(self.uncertainty.value) and not self.uncertainty.disabled
+        amap, score, std = self._predicted(self.method.value, self.dataset.value, row,
+                                           int(self.mc.value), want_std=with_std)
+        self.std = std if with_std else None
         sigma = scaled_sigma(float(self.sigma.value), store.image_size)
         smooth = smooth_maps(amap[None], sigma)[0]
         mask = store.masks[row].numpy()
         label = int(store.labels[row])
         self.smoothed = smooth
         self.numbers = per_image_metrics(smooth, mask, score, label, float(self.threshold.value))
+        if self.std is not None:
+            self.numbers["std_mean"] = float(self.std.mean())
+            self.numbers["std_max"] = float(self.std.max())
         self.summary.value = self._html()
         self.view.value = self._render(self._picture(self.dataset.value, row), mask, smooth)
 
@@ -252,6 +282,9 @@ class Explorer:
             ("F1 / IoU at threshold", f"{f(n['pixel_f1'])} / {f(n['iou'])}"),
             ("pixels flagged", f(n["flagged"])),
         ]
+        if "std_mean" in n:
+            rows.append(("std over R samples: mean / max",
+                         f"{f(n['std_mean'])} / {f(n['std_max'])}"))
         cells = "".join(f"<tr><td>{a}</td><td><b>{b}</b></td></tr>" for a, b in rows)
         return f"<table>{cells}</table>"
 
@@ -259,8 +292,9 @@ class Explorer:
         from matplotlib.figure import Figure
 
         t = float(self.threshold.value)
-        fig = Figure(figsize=(7.5, 2.6))
-        axes = fig.subplots(1, 3)
+        std = self.std
+        fig = Figure(figsize=(7.5, 2.6) if std is None else (10.0, 2.6))
+        axes = fig.subplots(1, 3 if std is None else 4)
         axes[0].imshow(np.clip(image, 0, 1))
         if mask.any():
             axes[0].contour(mask, levels=[0.5], colors="lime", linewidths=1.0)
@@ -272,6 +306,11 @@ class Explorer:
         fig.colorbar(im, ax=axes[1], fraction=0.046)
         axes[2].imshow(smooth >= t, cmap="gray", vmin=0, vmax=1)
         axes[2].set_title(f"map ≥ {t:.2f}", fontsize=7)
+        if std is not None:  # as pfl predict --uncertainty draws it: 0 to its maximum
+            top = float(std.max()) if std.max() > 0 else 1.0
+            im = axes[3].imshow(std, cmap="magma", vmin=0.0, vmax=top)
+            axes[3].set_title(f"std over R = {int(self.mc.value)} samples", fontsize=7)
+            fig.colorbar(im, ax=axes[3], fraction=0.046)
         for ax in axes:
             ax.set_xticks([])
             ax.set_yticks([])
