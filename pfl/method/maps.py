@@ -48,10 +48,13 @@ class FusedMaps:
         layer_maps: ``(N, L, H, W)`` mean over the M pairs of ``sigmoid(up(diff))``.
         sample_std: ``(N, H, W)`` standard deviation over the R samples of the per-sample map
             (population form, divisor R; zero for R = 1), or None when not asked for.
+        sample_maps: ``(N, R, H, W)`` the per-sample maps themselves (``keep_samples``), else
+            None: their mean over R is the anomaly map, their spread ``sample_std``.
     """
 
     layer_maps: Tensor
     sample_std: Tensor | None = None
+    sample_maps: Tensor | None = None
 
 
 def interpolation_matrix(n_in: int, n_out: int, align_corners: bool = False,
@@ -127,7 +130,7 @@ def _row_blocks(k0: list[int], rows_per_block: int) -> list[tuple[int, int]]:
 
 def fused_maps(diff: Tensor, size: tuple[int, int], align_corners: bool = False,
                n_samples: int | None = None, block_elements: int | None = None,
-               row_step: str | None = None) -> FusedMaps:
+               row_step: str | None = None, keep_samples: bool = False) -> FusedMaps:
     """Per-layer maps (and optionally the per-sample spread) without per-pair maps in memory.
 
     Args:
@@ -142,6 +145,8 @@ def fused_maps(diff: Tensor, size: tuple[int, int], align_corners: bool = False,
             multiply-add where a block shares its source rows; fastest on a CPU) or
             ``"matmul"`` (one matmul per block; fewest launches on a GPU). None: by device.
             Changes speed only (tested).
+        keep_samples: also store :attr:`FusedMaps.sample_maps` (needs ``n_samples``; R full
+            maps per image, for teaching the Monte Carlo estimate, notebook 03b).
 
     Returns:
         :class:`FusedMaps`; ``layer_maps.mean(1)`` is the anomaly map.
@@ -152,6 +157,8 @@ def fused_maps(diff: Tensor, size: tuple[int, int], align_corners: bool = False,
     H, W = size
     if n_samples is not None and (n_samples < 1 or m % n_samples):
         raise ValueError(f"fused_maps: {m} pairs are not B x R for R = {n_samples}")
+    if keep_samples and n_samples is None:
+        raise ValueError("fused_maps: keep_samples needs n_samples (R)")
     on_cpu = diff.device.type == "cpu"
     budget = block_elements or (CPU_BLOCK if on_cpu else GPU_BLOCK)
     if row_step not in (None, "lerp", "matmul"):
@@ -159,11 +166,12 @@ def fused_maps(diff: Tensor, size: tuple[int, int], align_corners: bool = False,
     lerp = on_cpu if row_step is None else row_step == "lerp"
     # In diff's own dtype even under torch.autocast (which would run the matmul in half).
     with torch.autocast(device_type=diff.device.type, enabled=False):
-        return _fused_maps(diff, size, align_corners, n_samples, budget, lerp)
+        return _fused_maps(diff, size, align_corners, n_samples, budget, lerp, keep_samples)
 
 
 def _fused_maps(diff: Tensor, size: tuple[int, int], align_corners: bool,
-                n_samples: int | None, budget: int, lerp: bool) -> FusedMaps:
+                n_samples: int | None, budget: int, lerp: bool,
+                keep_samples: bool = False) -> FusedMaps:
     n, n_layers, m, h, w = diff.shape
     H, W = size
     dev, dt = diff.device, diff.dtype
@@ -182,6 +190,7 @@ def _fused_maps(diff: Tensor, size: tuple[int, int], align_corners: bool,
 
     layer_maps = diff.new_empty(n, n_layers, H, W)
     std = diff.new_empty(n, H, W) if n_samples is not None else None
+    samples = diff.new_empty(n, n_samples, H, W) if keep_samples else None
     for n0 in range(0, n, images):
         n1 = min(n, n0 + images)
         # Columns first, on the patch grid: Y (n', L, M, h, W).
@@ -202,4 +211,6 @@ def _fused_maps(diff: Tensor, size: tuple[int, int], align_corners: bool,
             if std is not None:
                 per_sample = z.unflatten(2, (m // n_samples, n_samples)).mean((1, 2))
                 std[n0:n1, i:j] = per_sample.var(1, correction=0).sqrt_()
-    return FusedMaps(layer_maps, std)
+                if samples is not None:
+                    samples[n0:n1, :, i:j] = per_sample
+    return FusedMaps(layer_maps, std, samples)

@@ -60,6 +60,7 @@ other tensor as it was.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -105,6 +106,8 @@ class BayesPFLOutput:
         n_samples: R.
         map_std: ``(N, S, S)`` per-pixel standard deviation over the R samples of the
             per-sample map (:func:`pfl.method.maps.fused_maps`), when asked for, else None.
+        sample_maps: ``(N, R, S, S)`` the R per-sample maps (mean over layers and bank
+            prompts), when asked for, else None; their mean over R is ``anomaly_map``.
     """
 
     anomaly_map: Tensor
@@ -117,6 +120,7 @@ class BayesPFLOutput:
     banks: Tensor
     n_samples: int
     map_std: Tensor | None = None
+    sample_maps: Tensor | None = None
 
 
 def _init_linear(module: nn.Module, generator: torch.Generator) -> None:
@@ -348,7 +352,8 @@ class BayesPFL(nn.Module):
                          generator: torch.Generator | None = None,
                          bank_index: int | None = None, n_samples: int | None = None,
                          share_iad: bool | None = None,
-                         map_std: bool = False) -> BayesPFLOutput:
+                         map_std: bool = False, sample_maps: bool = False,
+                         noise_scale: float = 1.0, use_rca: bool = True) -> BayesPFLOutput:
         """The model on precomputed image features (:meth:`Backbone.encode_image`).
 
         Args:
@@ -364,6 +369,13 @@ class BayesPFL(nn.Module):
             share_iad: one IAD draw for all images (default ``cfg.share_iad_samples``).
             map_std: also give ``map_std``, the per-pixel spread over the R samples (from the
                 same fused pass as the maps; costs ~30 % of the map step on a CPU).
+            sample_maps: also give ``sample_maps``, the R per-sample maps ``(N, R, S, S)``
+                (memory: R full maps per image; for teaching the Monte Carlo mean).
+            noise_scale: factor on the standard-normal noise of every flow (1: the model).
+                0 gives the deterministic prompt ``z_K = h_K(...h_1(mu))``, the limit
+                ``sigma -> 0`` of q0: every sample r is then the same prompt.
+            use_rca: False skips RCA (``F_t' = F_t``: the text features meet the patches
+                unrefined), to measure what RCA adds on a trained model.
 
         The head computes in its parameters' dtype whatever the features' (e.g. half
         precision features under ``torch.autocast``, see :meth:`predict`).
@@ -388,6 +400,9 @@ class BayesPFL(nn.Module):
         share = self.cfg.share_iad_samples if share_iad is None else share_iad
         noise = prompt_noise(feats, R, self.backbone.text_width, seed=seed, seeds=seeds,
                              generator=generator, share_iad=share, dtype=dtype, device=g.device)
+        if noise_scale != 1.0:
+            noise = dataclasses.replace(noise, isd=noise_scale * noise.isd,
+                                        iad=noise_scale * noise.iad)
         isd, iad, flow_losses = self.sample_prompts(g, noise)
         text = self.encode_prompts(class_names, isd, iad)  # (N, B, R, 2, E)
         pairs = text[:, banks.to(text.device)].reshape(n, -1, 2, text.shape[-1])  # (N, M, 2, E)
@@ -396,12 +411,19 @@ class BayesPFL(nn.Module):
         # Pixel logits per layer: only abnormal - normal is needed (docs/reproduction.md,
         # "Maps, scores and losses").
         fs = self.proj(patches)  # (N, L, T, E)
-        refined = self.rca(pairs.reshape(n, 2 * M, -1), fs).view(n, fs.shape[1], M, 2, -1)
+        text_pairs = pairs.reshape(n, 2 * M, -1)
+        if use_rca:
+            refined = self.rca(text_pairs, fs)
+        else:  # the unrefined (unit) text features at every layer
+            refined = text_pairs[:, None].expand(n, fs.shape[1], 2 * M, text_pairs.shape[-1])
+        refined = refined.reshape(n, fs.shape[1], M, 2, -1)
         diff = torch.einsum("nlte,nlme->nlmt", fs, refined[..., 1, :] - refined[..., 0, :])
         gh, gw = self.backbone.grid
         diff = (self.tau_pix.exp() * diff.to(dtype)).reshape(n, fs.shape[1], M, gh, gw)
         S = self.backbone.image_size
-        maps = fused_maps(diff, (S, S), self.cfg.official_compat, n_samples=R if map_std else None)
+        maps = fused_maps(diff, (S, S), self.cfg.official_compat,
+                          n_samples=R if map_std or sample_maps else None,
+                          keep_samples=sample_maps)
         layer_maps = maps.layer_maps
 
         # Global logits through phi (docs/reproduction.md, "Maps, scores and losses").
@@ -413,7 +435,8 @@ class BayesPFL(nn.Module):
         return BayesPFLOutput(
             anomaly_map=layer_maps.mean(1), layer_maps=layer_maps, pixel_logits=diff,
             global_logits=glob, score=score, text_features=text, flow_losses=flow_losses,
-            banks=banks, n_samples=R, map_std=maps.sample_std,
+            banks=banks, n_samples=R, map_std=maps.sample_std if map_std else None,
+            sample_maps=maps.sample_maps,
         )
 
     @property
@@ -510,7 +533,8 @@ class BayesPFL(nn.Module):
 
     def predict(self, batch: Batch, generator: torch.Generator,
                 n_samples: int | None = None, *, map_std: bool = False,
-                precision: str | None = None) -> Prediction:
+                precision: str | None = None, noise_scale: float = 1.0,
+                use_rca: bool = True) -> Prediction:
         """Anomaly maps ``(N, S, S)`` and global scores ``(N,)`` (no gradients).
 
         The run's seed is ``generator.initial_seed()`` (the generator's state is not used), so
@@ -526,11 +550,14 @@ class BayesPFL(nn.Module):
                 precision (for GPUs; the upsampling, sigmoid and means stay in the
                 parameters' dtype). Its error against full precision is measured by
                 ``benchmarks/inference.py --half``.
+            noise_scale, use_rca: as :meth:`forward_features` (0 and False are for teaching
+                and ablations: the deterministic prompt, Bayes-PFL without RCA).
         """
         with torch.no_grad(), half_precision(self.tau_pix.device, precision):
             out = self.forward_features(self._batch_features(batch), batch.cls_names,
                                         seed=generator.initial_seed(), n_samples=n_samples,
-                                        map_std=map_std)
+                                        map_std=map_std, noise_scale=noise_scale,
+                                        use_rca=use_rca)
         return Prediction(maps=out.anomaly_map, scores=out.score, map_std=out.map_std)
 
 
