@@ -277,3 +277,95 @@ def test_evaluate_records_without_masks():
         metrics.evaluate_records(
             [metrics.SampleRecord("x", float(i), i % 2, maps, None, f"p{i}") for i in range(4)]
         )
+
+
+# --- bootstrap ---------------------------------------------------------------------------------
+def test_bootstrap_se_of_a_mean_matches_the_analytic_one():
+    from pfl.run.metrics import bootstrap_counts, bootstrap_se
+
+    x = np.random.default_rng(3).exponential(size=60)
+    counts = bootstrap_counts([0] * len(x), 4000, seed=1)
+    assert (counts.sum(1) == len(x)).all()
+    # sd of the bootstrap distribution -> sd(ddof=0)/sqrt(n); MC error ~1/sqrt(2R) = 1.1 %
+    assert bootstrap_se(counts @ x / len(x)) == pytest.approx(x.std() / np.sqrt(len(x)),
+                                                              rel=0.05)
+    # stratified: var of the overall mean = sum_h (n_h / n)^2 sd_h^2 / n_h
+    strata = np.repeat([0, 1], [20, 40])
+    y = np.where(strata == 0, 5.0, 0.0) + np.random.default_rng(4).normal(size=60)
+    c = bootstrap_counts(strata.tolist(), 4000, seed=2)
+    assert (c[:, strata == 0].sum(1) == 20).all() and (c[:, strata == 1].sum(1) == 40).all()
+    want = np.sqrt(sum((np.sum(strata == h) / 60) ** 2 * y[strata == h].var()
+                       / np.sum(strata == h) for h in (0, 1)))
+    assert bootstrap_se(c @ y / 60) == pytest.approx(want, rel=0.05)
+    # fixed seed: the same resamples
+    np.testing.assert_array_equal(bootstrap_counts(strata.tolist(), 5, seed=2), c[:5])
+
+
+def test_weighted_auroc_equals_repeated_data():
+    from pfl.run.metrics import weighted_auroc
+
+    rng = np.random.default_rng(0)
+    s = np.round(rng.random(30), 1)  # ties
+    y = rng.integers(0, 2, 30)
+    w = rng.integers(0, 3, (4, 30))
+    got = weighted_auroc(s, y, w)
+    for r in range(4):
+        rep = np.repeat(np.arange(30), w[r])
+        assert got[r] == pytest.approx(roc_auc_score(y[rep], s[rep]), abs=1e-12)
+
+
+def _category(rng, n=8, size=16):
+    masks = np.zeros((n, size, size), np.uint8)
+    for i in range(n // 2):
+        masks[i, 2 + i:6 + i, 3:7] = 1
+        masks[i, 10:12, 9:14] = 1  # two regions
+    maps = np.round(rng.random((n, size, size)) + 0.6 * masks * rng.random((n, size, size)), 2)
+    return maps, masks
+
+
+def test_pixel_histograms_are_exact_when_bins_hold_every_score():
+    from pfl.run.metrics import PixelHistograms
+
+    rng = np.random.default_rng(1)
+    maps, masks = _category(rng)
+    hist = PixelHistograms.from_maps(maps, masks)
+    w = np.vstack([np.ones(8), rng.integers(0, 3, 8), [3, 0, 1, 0, 2, 1, 0, 1]])
+    got = hist.metrics(w)
+    for r in range(3):
+        rep = np.repeat(np.arange(8), w[r].astype(int))
+        want = metrics.pixel_metrics(maps[rep], masks[rep])
+        for k in ("pixel_auroc", "pixel_ap", "pixel_pro"):
+            assert got[k][r] == pytest.approx(want[k], abs=1e-12), (k, r)
+
+
+def test_pixel_histograms_approximate_continuous_scores():
+    from pfl.run.metrics import PixelHistograms
+
+    rng = np.random.default_rng(2)
+    maps = rng.random((20, 48, 48))
+    masks = np.zeros(maps.shape, np.uint8)
+    masks[:10, 10:20, 5:30] = 1
+    maps = maps + 0.4 * masks
+    got = PixelHistograms.from_maps(maps, masks, n_quantiles=512).metrics(np.ones((1, 20)))
+    want = metrics.pixel_metrics(maps, masks)
+    for k, v in got.items():
+        assert v[0] == pytest.approx(want[k], abs=2e-3), k
+
+
+def test_resampled_metrics_average_the_categories():
+    from pfl.run.metrics import bootstrap_counts, resampled_metrics
+
+    rng = np.random.default_rng(5)
+    (ma, ka), (mb, kb) = _category(rng), _category(rng)
+    maps, masks = np.concatenate([ma, mb]), np.concatenate([ka, kb])
+    labels = (masks.reshape(16, -1).max(1) > 0).astype(int)
+    scores = maps.reshape(16, -1).max(1)
+    names = ["a"] * 8 + ["b"] * 8
+    counts = np.vstack([np.ones(16, int), bootstrap_counts(list(zip(names, labels)), 3)])
+    got = resampled_metrics(maps, masks, scores, labels, names, counts)
+    table = metrics.evaluate_records([{"cls_name": c, "score": s, "label": y, "anomaly_map": m,
+                               "mask": k} for c, s, y, m, k in
+                              zip(names, scores, labels, maps, masks)])
+    for k in ("image_auroc", "pixel_auroc", "pixel_ap", "pixel_pro"):
+        assert got[k][0] == pytest.approx(table.loc["mean", k], abs=1e-12), k
+        assert got[k].shape == (4,) and np.isfinite(got[k]).all()

@@ -603,3 +603,206 @@ def evaluate_records(
     table.index.name = "category"
     _warn(reasons)
     return table
+
+
+# ----------------------------------------------------------------------------- bootstrap
+
+
+def bootstrap_counts(strata: Sequence, n_resamples: int, seed: int = 0) -> np.ndarray:
+    """How often each item is drawn in each of ``n_resamples`` bootstrap resamples.
+
+    Items are resampled with replacement *within* each stratum (items with equal ``strata``
+    keys), as many as the stratum holds, so every resample keeps each stratum's size (e.g.
+    strata = (category, label): every category keeps its normal and anomalous images, and
+    every per-category metric stays defined). One ``numpy.random.default_rng(seed)`` draws
+    resample after resample, each stratum in sorted key order, so the counts depend on the
+    keys and the seed alone (two methods scored on the same images get the same resamples:
+    paired comparisons), and the first resamples do not depend on ``n_resamples``.
+
+    Args:
+        strata: N hashable, sortable keys (one stratum for all: ``[0] * N``).
+        n_resamples: R.
+        seed: the resampling seed.
+    Returns:
+        ``(R, N)`` int64 multiplicities; each row sums to N.
+
+    >>> c = bootstrap_counts(["a", "a", "b"], 4, seed=0)
+    >>> c.shape, c.sum(1).tolist(), c[:, 2].tolist()
+    ((4, 3), [3, 3, 3, 3], [1, 1, 1, 1])
+    """
+    keys = list(strata)
+    n = len(keys)
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+    rng = np.random.default_rng(seed)
+    groups: dict = {}
+    for i, k in enumerate(keys):
+        groups.setdefault(k, []).append(i)
+    strata_rows = [np.asarray(groups[k]) for k in sorted(groups)]
+    out = np.zeros((n_resamples, n), np.int64)
+    for r in range(n_resamples):
+        draws = [idx[rng.integers(0, len(idx), size=len(idx))] for idx in strata_rows]
+        out[r] = np.bincount(np.concatenate(draws), minlength=n) if draws else 0
+    return out
+
+
+def bootstrap_se(replicates: np.ndarray) -> np.ndarray | float:
+    """Bootstrap standard error: the standard deviation (ddof=1) over the resamples (axis 0).
+
+    The bootstrap standard error of a mean of n values tends to ``std(ddof=0) / sqrt(n)`` as
+    the resamples grow (tests/test_metrics.py checks it).
+    """
+    replicates = np.asarray(replicates, dtype=np.float64)
+    if len(replicates) < 2:
+        raise ValueError("a bootstrap standard error needs at least 2 resamples")
+    out = replicates.std(axis=0, ddof=1)
+    return float(out) if out.ndim == 0 else out
+
+
+def _clipped_area(x: np.ndarray, y: np.ndarray, limit: float) -> np.ndarray:
+    """Trapezoid area under each row's polyline ``(x, y)`` from x = 0 to ``limit`` (rows
+    ``(R, M)``, x non-decreasing from 0), the end point interpolated on its segment: the
+    row-wise :func:`partial_area`."""
+    x0, x1, y0, y1 = x[:, :-1], x[:, 1:], y[:, :-1], y[:, 1:]
+    xe = np.minimum(x1, limit)
+    width = np.clip(xe - x0, 0.0, None)
+    span = x1 - x0
+    t = np.divide(xe - x0, span, out=np.zeros_like(span), where=span > 0)
+    ye = y0 + np.clip(t, 0.0, 1.0) * (y1 - y0)
+    return (width * (y0 + ye) / 2).sum(axis=1)
+
+
+def weighted_auroc(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """AUROC of ``scores`` against 0/1 ``labels`` for each row of item ``weights`` ``(R, N)``
+    (ties count half): with integer weights, the AUROC of the data with item i repeated
+    ``weights[r, i]`` times. NaN for a row without weight on both labels.
+
+    >>> weighted_auroc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1]),
+    ...                np.ones((1, 4))).tolist()
+    [0.75]
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.float64)
+    weights = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+    _, inv = np.unique(scores, return_inverse=True)
+    g = int(inv.max()) + 1 if inv.size else 0
+    pos = np.stack([np.bincount(inv, weights=w * y, minlength=g) for w in weights])
+    neg = np.stack([np.bincount(inv, weights=w * (1 - y), minlength=g) for w in weights])
+    below = np.cumsum(neg, axis=1) - neg
+    num = (pos * (below + 0.5 * neg)).sum(axis=1)
+    den = pos.sum(axis=1) * neg.sum(axis=1)
+    return np.divide(num, den, out=np.full(len(weights), np.nan), where=den > 0)
+
+
+@dataclass
+class PixelHistograms:
+    """One category's pixels counted per image on a common grid of score bins, so that the
+    pixel metrics of any weighting of its images (a bootstrap resample) cost one small
+    matrix product instead of a new sweep over every pixel.
+
+    Bins: the ``n_quantiles + 1`` quantiles (``inverted_cdf``: actual scores) of the normal
+    pixels' scores and those of the anomalous pixels' are the bin tops; a pixel falls in the
+    first bin whose top is >= its score. Scores in one bin count as tied, so the metrics are
+    those of the exact sweep (:func:`pixel_sweep`) up to ties inside a bin; when every
+    distinct score is a bin top (at most ``n_quantiles + 1`` distinct scores of each kind)
+    they are exact. Ties count as the exact sweep counts them (ROC, PR and PRO curves are
+    straight across a bin).
+
+    Attributes:
+        edges: ``(B,)`` the bin tops, ascending.
+        neg, pos: ``(n, B)`` normal and anomalous pixels per image and bin.
+        region: ``(n, B)`` per image and bin, the sum over anomalous pixels of
+            ``1 / size of the pixel's ground-truth region`` (its share in PRO).
+        n_regions: ``(n,)`` ground-truth regions per image.
+    """
+
+    edges: np.ndarray
+    neg: np.ndarray
+    pos: np.ndarray
+    region: np.ndarray
+    n_regions: np.ndarray
+
+    @classmethod
+    def from_maps(cls, maps: Sequence[np.ndarray] | np.ndarray,
+                  masks: Sequence[np.ndarray] | np.ndarray, *, n_quantiles: int = 2048,
+                  connectivity: int = 2) -> PixelHistograms:
+        """Count ``maps`` ``(n, H, W)`` against ``masks`` (regions: ``connectivity``-connected
+        components of each mask, as :func:`pixel_sweep`)."""
+        if len(maps) != len(masks):
+            raise ValueError(f"{len(maps)} anomaly maps but {len(masks)} masks")
+        structure = ndimage.generate_binary_structure(2, connectivity)
+        flat = [np.asarray(m, dtype=np.float64).ravel() for m in maps]
+        truth = [np.asarray(k).ravel() != 0 for k in masks]
+        if any(f.shape != t.shape for f, t in zip(flat, truth)):
+            raise ValueError("every mask must have its map's shape")
+        q = np.linspace(0.0, 1.0, n_quantiles + 1)
+        tops = []
+        for kind in (False, True):
+            vals = np.concatenate([f[t == kind] for f, t in zip(flat, truth)])
+            if vals.size:
+                tops.append(np.quantile(vals, q, method="inverted_cdf"))
+        edges = np.unique(np.concatenate(tops)) if tops else np.zeros(1)
+        n, b = len(flat), len(edges)
+        neg, pos, region = np.zeros((n, b)), np.zeros((n, b)), np.zeros((n, b))
+        n_regions = np.zeros(n)
+        for i, (f, t) in enumerate(zip(flat, truth)):
+            bins = np.searchsorted(edges, f, side="left")
+            neg[i] = np.bincount(bins[~t], minlength=b)
+            if t.any():
+                labels, n_lab = ndimage.label(t.reshape(np.shape(masks[i])), structure)
+                ids = labels.ravel()[t]
+                pos[i] = np.bincount(bins[t], minlength=b)
+                region[i] = np.bincount(bins[t], weights=1.0 / np.bincount(ids)[ids],
+                                        minlength=b)
+                n_regions[i] = n_lab
+        return cls(edges, neg, pos, region, n_regions)
+
+    def metrics(self, weights: np.ndarray, fpr_limit: float = FPR_LIMIT) -> dict[str, np.ndarray]:
+        """Pixel AUROC, AP and (exact) AUPRO of each row of image ``weights`` ``(R, n)``, as
+        ``{"pixel_auroc", "pixel_ap", "pixel_pro"}`` of ``(R,)`` arrays (NaN for a row without
+        weight on normal or anomalous pixels)."""
+        w = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+        # highest bin first: cumulative counts at "score >= bin"
+        fp = np.cumsum((w @ self.neg)[:, ::-1], axis=1)
+        tp_bin = (w @ self.pos)[:, ::-1]
+        tp = np.cumsum(tp_bin, axis=1)
+        pro = np.cumsum((w @ self.region)[:, ::-1], axis=1)
+        n_neg, n_pos, n_reg = fp[:, -1:], tp[:, -1:], (w @ self.n_regions)[:, None]
+        ok = (n_neg[:, 0] > 0) & (n_pos[:, 0] > 0)
+        safe = lambda a, d: np.divide(a, d, out=np.zeros_like(a), where=d > 0)  # noqa: E731
+        zero = np.zeros((len(w), 1))
+        fpr = np.hstack([zero, safe(fp, n_neg)])
+        auroc = _clipped_area(fpr, np.hstack([zero, safe(tp, n_pos)]), 1.0)
+        ap = (tp_bin * safe(tp, tp + fp)).sum(axis=1) / np.where(ok, n_pos[:, 0], 1.0)
+        aupro = _clipped_area(fpr, np.hstack([zero, safe(pro, n_reg)]), fpr_limit) / fpr_limit
+        nan = np.full(len(w), np.nan)
+        return {"pixel_auroc": np.where(ok, auroc, nan), "pixel_ap": np.where(ok, ap, nan),
+                "pixel_pro": np.where(ok, aupro, nan)}
+
+
+def resampled_metrics(maps: np.ndarray, masks: np.ndarray, scores: np.ndarray,
+                      labels: np.ndarray, cls_names: Sequence[str], counts: np.ndarray, *,
+                      n_quantiles: int = 2048, fpr_limit: float = FPR_LIMIT
+                      ) -> dict[str, np.ndarray]:
+    """The tables' metrics (per category, then the mean over categories) for each row of
+    image multiplicities ``counts`` ``(R, N)`` (:func:`bootstrap_counts`).
+
+    Image AUROC is exact (:func:`weighted_auroc`); pixel AUROC, AP and AUPRO (exact variant)
+    come from :class:`PixelHistograms` (``n_quantiles``), exact up to ties inside a bin.
+    Returns ``{"image_auroc", "pixel_auroc", "pixel_ap", "pixel_pro"}`` of ``(R,)`` arrays.
+    """
+    counts = np.atleast_2d(counts)
+    names = np.asarray(cls_names)
+    labels = np.asarray(labels)
+    if counts.shape[1] != len(names):
+        raise ValueError(f"counts have {counts.shape[1]} columns for {len(names)} images")
+    per: dict[str, list[np.ndarray]] = {}
+    for c in sorted(set(cls_names)):
+        rows = np.flatnonzero(names == c)
+        w = counts[:, rows]
+        per.setdefault("image_auroc", []).append(
+            weighted_auroc(np.asarray(scores)[rows], labels[rows], w))
+        hist = PixelHistograms.from_maps(maps[rows], masks[rows], n_quantiles=n_quantiles)
+        for k, v in hist.metrics(w, fpr_limit).items():
+            per.setdefault(k, []).append(v)
+    return {k: np.mean(v, axis=0) for k, v in per.items()}
