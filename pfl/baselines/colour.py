@@ -29,17 +29,16 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from skimage.color import rgb2lab
-from torch import Tensor, nn
+from torch import nn
 
 from pfl.clip.backbone import Backbone
 from pfl.data.preprocess import denormalize
-from pfl.method.contract import Batch, Prediction, StepLoss
+from pfl.method.contract import Batch, Prediction, TrainingFree
 
 
 @functools.cache
@@ -70,7 +69,7 @@ class ColourConfig:
     topk: int = 1  # image score: mean of the topk largest map values (1: the map's maximum)
 
 
-class ColourBaseline(nn.Module):
+class ColourBaseline(TrainingFree, nn.Module):
     """The colour baseline on the shared harness (:class:`pfl.method.contract.Method`).
 
     Training-free (like WinCLIP, listed in :data:`pfl.baselines.TRAINING_FREE`): it has no
@@ -94,21 +93,6 @@ class ColourBaseline(nn.Module):
         self.cfg = cfg or ColourConfig()
         if self.cfg.topk < 1:
             raise ValueError(f"ColourConfig.topk must be >= 1, got {self.cfg.topk}")
-
-    def trainable_parameters(self) -> Iterator[nn.Parameter]:
-        return iter(())
-
-    def trainable_state_dict(self) -> dict[str, Tensor]:
-        return {}
-
-    def load_trainable_state_dict(self, state: dict[str, Tensor]) -> None:
-        if state:
-            raise ValueError(f"the colour baseline is training-free; got a state with keys "
-                             f"{sorted(state)}")
-
-    def training_step(self, batch: Batch, generator: torch.Generator) -> StepLoss:
-        raise RuntimeError("the colour baseline is training-free: evaluate it directly, not "
-                           "with fit()")
 
     def predict(self, batch: Batch, generator: torch.Generator) -> Prediction:
         if batch.images is None:

@@ -21,7 +21,6 @@ not the default.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +29,7 @@ from torch import Tensor, nn
 
 from pfl.clip.backbone import Backbone
 from pfl.clip.zeroshot import ABNORMAL_STATES, NORMAL_STATES, TEMPLATES, state_prompts
-from pfl.method.contract import Batch, Prediction, StepLoss
+from pfl.method.contract import Batch, Prediction, TrainingFree
 from pfl.method.prompts import class_words
 
 # WinCLIP's compositional prompt ensemble: the state words of pfl.clip.zeroshot plus WinCLIP's two
@@ -246,7 +245,7 @@ class WinCLIPConfig:
     single_call: bool = False  # all window sizes in one padded, masked tower call
 
 
-class WinCLIP(nn.Module):
+class WinCLIP(TrainingFree, nn.Module):
     """Training-free WinCLIP on the shared harness (:class:`pfl.method.contract.Method`).
 
     Per image: the class's (normal, abnormal) ensemble features t_n, t_a; each window w's
@@ -282,19 +281,6 @@ class WinCLIP(nn.Module):
         if self.cfg.logit_scale is not None:
             return float(self.cfg.logit_scale)
         return float(self.backbone.clip.logit_scale.exp())
-
-    def trainable_parameters(self) -> Iterator[nn.Parameter]:
-        return iter(())
-
-    def trainable_state_dict(self) -> dict[str, Tensor]:
-        return {}
-
-    def load_trainable_state_dict(self, state: dict[str, Tensor]) -> None:
-        if state:
-            raise ValueError(f"WinCLIP is training-free; got a state with keys {sorted(state)}")
-
-    def training_step(self, batch: Batch, generator: torch.Generator) -> StepLoss:
-        raise RuntimeError("WinCLIP is training-free: evaluate it directly, not with fit()")
 
     def _score(self, feats: Tensor, text: Tensor) -> Tensor:
         """feats (N, ..., E) unnormalised, text (N, 2, E) -> abnormal probability (N, ...)."""

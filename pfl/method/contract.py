@@ -99,3 +99,24 @@ class Method(Protocol):
     def training_step(self, batch: Batch, generator: torch.Generator) -> StepLoss: ...
 
     def predict(self, batch: Batch, generator: torch.Generator) -> Prediction: ...
+
+
+class TrainingFree:
+    """Mixin for a method with nothing to train (WinCLIP, the colour baseline): no parameters,
+    an empty state, and :meth:`training_step` refuses with the method's ``name``."""
+
+    name: str
+
+    def trainable_parameters(self) -> Iterator[torch.nn.Parameter]:
+        return iter(())
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"{self.name} is training-free; got a state with keys "
+                             f"{sorted(state)}")
+
+    def training_step(self, batch: Batch, generator: torch.Generator) -> StepLoss:
+        raise RuntimeError(f"{self.name} is training-free: evaluate it directly, not with fit()")
