@@ -188,15 +188,17 @@ def _fused_maps(diff: Tensor, size: tuple[int, int], align_corners: bool,
         images, rows = 1, max(1, budget // per_row)
     blocks = _row_blocks(k0, rows)
 
-    layer_maps = diff.new_empty(n, n_layers, H, W)
-    std = diff.new_empty(n, H, W) if n_samples is not None else None
-    samples = diff.new_empty(n, n_samples, H, W) if keep_samples else None
+    # Blocks are gathered and concatenated, not written into preallocated outputs: under
+    # autograd (training) every slice assignment's backward copies the whole gradient, which was
+    # a quarter of a training step; a concatenation's backward only slices it.
+    maps_parts, std_parts, sample_parts = [], [], []
     for n0 in range(0, n, images):
         n1 = min(n, n0 + images)
         # Columns first, on the patch grid: Y (n', L, M, h, W).
         y = diff[n0:n1] @ a_w.T
         if lerp:  # output row i = Y[k] + lambda_i (Y[k + 1] - Y[k]); zero step on the last row
             dy = torch.cat([y[..., 1:, :] - y[..., :-1, :], torch.zeros_like(y[..., :1, :])], -2)
+        rows_maps, rows_std, rows_samples = [], [], []
         for i, j in blocks:
             if lerp and k0[i] == k0[j - 1]:
                 # One source row pair: one broadcast multiply-add (fewest memory passes).
@@ -207,10 +209,18 @@ def _fused_maps(diff: Tensor, size: tuple[int, int], align_corners: bool,
                 lo, hi = k0[i], min(h, k0[j - 1] + 2)
                 z = a_h[i:j, lo:hi] @ y[..., lo:hi, :]
             z = z.sigmoid_()  # (n', L, M, rows, W): this block's pair probabilities
-            layer_maps[n0:n1, :, i:j] = z.mean(2)
-            if std is not None:
+            rows_maps.append(z.mean(2))
+            if n_samples is not None:
                 per_sample = z.unflatten(2, (m // n_samples, n_samples)).mean((1, 2))
-                std[n0:n1, i:j] = per_sample.var(1, correction=0).sqrt_()
-                if samples is not None:
-                    samples[n0:n1, :, i:j] = per_sample
+                rows_std.append(per_sample.var(1, correction=0).sqrt_())
+                if keep_samples:
+                    rows_samples.append(per_sample)
+        maps_parts.append(torch.cat(rows_maps, -2))
+        if rows_std:
+            std_parts.append(torch.cat(rows_std, -2))
+        if rows_samples:
+            sample_parts.append(torch.cat(rows_samples, -2))
+    layer_maps = torch.cat(maps_parts)
+    std = torch.cat(std_parts) if std_parts else None
+    samples = torch.cat(sample_parts) if sample_parts else None
     return FusedMaps(layer_maps, std, samples)
