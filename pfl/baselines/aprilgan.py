@@ -105,10 +105,13 @@ def segmentation_loss(probs: Tensor, masks: Tensor, gamma: float = 2.0,
     if masks.shape[-2:] != probs.shape[-2:]:
         raise ValueError(f"masks {tuple(masks.shape)} do not match the maps "
                          f"{tuple(probs.shape)}: give masks at the image size")
-    focal = sum(focal_loss(probs[:, i], masks, gamma) for i in range(probs.shape[1]))
-    dice = sum(dice_loss(probs[:, i], masks) for i in range(probs.shape[1]))
+    # One unbind, not a probs[:, i] per use: each indexing's backward fills a zero gradient
+    # of the whole (N, L, H, W) tensor (a third of a training step); unbind's stacks the layers.
+    layers = probs.unbind(1)
+    focal = sum(focal_loss(p, masks, gamma) for p in layers)
+    dice = sum(dice_loss(p, masks) for p in layers)
     if include_normal:
-        dice = dice + sum(dice_loss(1.0 - probs[:, i], 1.0 - masks) for i in range(probs.shape[1]))
+        dice = dice + sum(dice_loss(1.0 - p, 1.0 - masks) for p in layers)
     return focal, dice
 
 
