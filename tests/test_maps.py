@@ -86,3 +86,22 @@ def test_bad_input_is_named():
         fused_maps(torch.zeros(1, 1, 6, 4, 4), (8, 8), row_step="gather")
     with pytest.raises(ValueError, match="B x R"):
         fused_maps(torch.zeros(1, 1, 6, 4, 4), (8, 8), n_samples=4)
+
+
+@pytest.mark.parametrize("block", [500, 10**9])
+def test_training_path_equals_inference_path_and_its_gradient_the_reference(block):
+    # With autograd the blocks are concatenated, without it written into one buffer: the same
+    # values bit for bit, samples and spread included; the gradient is the reference's.
+    diff = _diff((2, 2, 6, 5, 5))
+    with torch.no_grad():
+        plain = fused_maps(diff, (37, 37), n_samples=3, keep_samples=True, block_elements=block)
+    leaf = diff.clone().requires_grad_()
+    tracked = fused_maps(leaf, (37, 37), n_samples=3, keep_samples=True, block_elements=block)
+    for name in ("layer_maps", "sample_std", "sample_maps"):
+        assert torch.equal(getattr(tracked, name).detach(), getattr(plain, name)), name
+    weights = _diff((2, 2, 37, 37), seed=1)
+    (grad,) = torch.autograd.grad((tracked.layer_maps * weights).sum(), leaf)
+    ref_leaf = diff.clone().requires_grad_()
+    ref = mean_sigmoid_reference(ref_leaf, (37, 37))
+    (ref_grad,) = torch.autograd.grad((ref * weights).sum(), ref_leaf)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-14, rtol=0)

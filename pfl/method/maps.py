@@ -27,6 +27,7 @@ pixel. It comes from the same blocks.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -188,10 +189,18 @@ def _fused_maps(diff: Tensor, size: tuple[int, int], align_corners: bool,
         images, rows = 1, max(1, budget // per_row)
     blocks = _row_blocks(k0, rows)
 
-    # Blocks are gathered and concatenated, not written into preallocated outputs: under
-    # autograd (training) every slice assignment's backward copies the whole gradient, which was
-    # a quarter of a training step; a concatenation's backward only slices it.
-    maps_parts, std_parts, sample_parts = [], [], []
+    # Under autograd (training) blocks are gathered and concatenated: a slice assignment's
+    # backward copies the whole gradient each time (a quarter of a training step), a
+    # concatenation's only slices it. Without autograd (inference) each block is made in one
+    # reused buffer and reduced straight into preallocated outputs: no allocation per block.
+    grad = torch.is_grad_enabled() and diff.requires_grad
+    if grad:
+        parts: dict[str, list] = {"maps": [], "std": [], "samples": []}
+    else:
+        layer_maps = diff.new_empty(n, n_layers, H, W)
+        std = diff.new_empty(n, H, W) if n_samples is not None else None
+        samples = diff.new_empty(n, n_samples, H, W) if keep_samples else None
+        buffer = diff.new_empty(images * n_layers * m * rows * W)
     for n0 in range(0, n, images):
         n1 = min(n, n0 + images)
         # Columns first, on the patch grid: Y (n', L, M, h, W).
@@ -200,27 +209,40 @@ def _fused_maps(diff: Tensor, size: tuple[int, int], align_corners: bool,
             dy = torch.cat([y[..., 1:, :] - y[..., :-1, :], torch.zeros_like(y[..., :1, :])], -2)
         rows_maps, rows_std, rows_samples = [], [], []
         for i, j in blocks:
+            shape = (*y.shape[:3], j - i, W)
+            out = None if grad else buffer[:math.prod(shape)].view(shape)
             if lerp and k0[i] == k0[j - 1]:
                 # One source row pair: one broadcast multiply-add (fewest memory passes).
                 k = k0[i]
-                z = torch.addcmul(y[..., k:k + 1, :], lam[i:j, None], dy[..., k:k + 1, :])
+                z = torch.addcmul(y[..., k:k + 1, :], lam[i:j, None], dy[..., k:k + 1, :], out=out)
             else:
                 # Rows of A_h restricted to the source rows they touch: one matmul.
                 lo, hi = k0[i], min(h, k0[j - 1] + 2)
-                z = a_h[i:j, lo:hi] @ y[..., lo:hi, :]
+                z = torch.matmul(a_h[i:j, lo:hi], y[..., lo:hi, :], out=out)
             z = z.sigmoid_()  # (n', L, M, rows, W): this block's pair probabilities
-            rows_maps.append(z.mean(2))
+            per_sample = None
             if n_samples is not None:
                 per_sample = z.unflatten(2, (m // n_samples, n_samples)).mean((1, 2))
-                rows_std.append(per_sample.var(1, correction=0).sqrt_())
-                if keep_samples:
-                    rows_samples.append(per_sample)
-        maps_parts.append(torch.cat(rows_maps, -2))
-        if rows_std:
-            std_parts.append(torch.cat(rows_std, -2))
-        if rows_samples:
-            sample_parts.append(torch.cat(rows_samples, -2))
-    layer_maps = torch.cat(maps_parts)
-    std = torch.cat(std_parts) if std_parts else None
-    samples = torch.cat(sample_parts) if sample_parts else None
+            if grad:
+                rows_maps.append(z.mean(2))
+                if per_sample is not None:
+                    rows_std.append(per_sample.var(1, correction=0).sqrt_())
+                    if keep_samples:
+                        rows_samples.append(per_sample)
+                continue
+            torch.mean(z, 2, out=layer_maps[n0:n1, :, i:j])
+            if per_sample is not None:
+                torch.var(per_sample, 1, correction=0, out=std[n0:n1, i:j]).sqrt_()
+                if samples is not None:
+                    samples[n0:n1, :, i:j] = per_sample
+        if grad:
+            parts["maps"].append(torch.cat(rows_maps, -2))
+            if rows_std:
+                parts["std"].append(torch.cat(rows_std, -2))
+            if rows_samples:
+                parts["samples"].append(torch.cat(rows_samples, -2))
+    if grad:
+        layer_maps = torch.cat(parts["maps"])
+        std = torch.cat(parts["std"]) if parts["std"] else None
+        samples = torch.cat(parts["samples"]) if parts["samples"] else None
     return FusedMaps(layer_maps, std, samples)
