@@ -5,6 +5,11 @@ Trains the smoke recipe (3 epochs, float64) with ``ModelConfig.prior_std = s`` f
 prints the last 5 steps' mean loss terms (``ort`` = L_ort: 1 when the B prompts' text features
 coincide), the target's pixel AUROC / AP and image AUROC on ``--per-class`` normal and anomalous
 images per category, and the mean per-pixel standard deviation of the maps over the R samples.
+A second line per prior gives the trained posterior on 8 aux images spread over the training
+set (:func:`pfl.method.diagnostics.posterior_diagnostics`, R = ``mc_test``): q0's mean ``|mu|``
+and ``sigma`` of the ISD flow and of the IAD flows, the spread of the flow outputs ``z_K`` over
+the R draws, L_ort and the mean cosine distance between the B prompts' text features, and the
+maps' spread over R.
 
     OMP_NUM_THREADS=1 python benchmarks/prior_scale.py --std 1 0.02
 """
@@ -19,10 +24,11 @@ import torch
 
 import pfl
 from pfl.clip.backbone import load_backbone
+from pfl.method.diagnostics import posterior_diagnostics
 from pfl.run.checkpoints import build_method
 from pfl.run.evaluate import evaluate
 from pfl.run.features import profile_store
-from pfl.run.train import fit
+from pfl.run.train import diagnostics_batch, fit
 
 
 def main(argv=None) -> int:
@@ -38,6 +44,7 @@ def main(argv=None) -> int:
     target = profile_store(base, backbone, "target", "test", per_class=args.per_class,
                            progress=False)
     print(f"{len(train)} aux images; target: {len(target)} images")
+    probe = diagnostics_batch(train, 8)  # the images fit(diagnostics_every=...) would track
     for s in args.std:
         p = base.replace(model={"prior_std": s}, train={"seed": args.seed})
         model = build_method("bayes-pfl", p, backbone)
@@ -57,6 +64,14 @@ def main(argv=None) -> int:
               + f" | pixel AUROC {mean['pixel_auroc']:.3f}, pixel AP {mean['pixel_ap']:.3f}, "
               f"image AUROC {mean['image_auroc']:.3f} | map std over R {float(std.mean()):.3f} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        d = posterior_diagnostics(model, probe.features(backbone), probe.cls_names,
+                                  seed=args.seed)
+        print("    posterior: " + ", ".join(
+            f"{flow} |mu| {d[flow + '_mu']:.3g} sigma {d[flow + '_sigma']:.3g} "
+            f"z std {d[flow + '_z_std']:.3g}" for flow in ("isd", "normal", "abnormal"))
+            + f" | ort {d['ort']:.3f}, prompt distance normal {d['dist_normal']:.3g} "
+            f"abnormal {d['dist_abnormal']:.3g} | map std over R {d['map_std']:.3f}",
+            flush=True)
     return 0
 
 

@@ -58,7 +58,9 @@ from tqdm.auto import tqdm
 
 from pfl.clip.backbone import load_backbone
 from pfl.config import EvalConfig, Profile, TrainConfig
-from pfl.method.contract import Method
+from pfl.method.contract import Batch, Method
+from pfl.method.diagnostics import posterior_diagnostics
+from pfl.method.model import BayesPFL
 from pfl.method.official import SELECTION_CLASSES
 from pfl.run import distributed
 from pfl.run.checkpoints import (
@@ -99,7 +101,8 @@ class NonFiniteLossError(FloatingPointError):
 class History:
     """What a run did: one row per optimiser step and one per epoch.
 
-    steps: ``{"epoch", "step", "lr", "total", <every loss term>}`` (epoch 1-based).
+    steps: ``{"epoch", "step", "lr", "total", <every loss term>}`` (epoch 1-based), and
+    ``"post/<key>"`` on the steps :func:`fit`'s ``diagnostics_every`` tracks.
     epochs: ``{"epoch", "train_loss", <"select/..." holdout metrics>,
     <"<name>/loss", "<name>/<metric>" for every monitored dataset>}``.
     """
@@ -241,6 +244,16 @@ def official_selection_classes(classes: Sequence[str]) -> list[str]:
         if set(names) <= set(classes):
             return list(names)
     return sorted(classes)[:OFFICIAL_TARGET_CLASSES]
+
+
+def diagnostics_batch(store: FeatureStore, n_images: int) -> Batch:
+    """The fixed images :func:`fit`'s posterior diagnostics look at: ``n_images`` rows spread
+    evenly over ``store`` (its first and last row included), in store order."""
+    if n_images < 1:
+        raise ValueError(f"diagnostics_images must be >= 1, got {n_images}")
+    n = min(n_images, len(store))
+    rows = sorted({round(i * (len(store) - 1) / max(n - 1, 1)) for i in range(n)})
+    return next(iter(store.select(rows).batches(len(rows))))
 
 
 def store_loss(method: Method, store: FeatureStore, batch_size: int,
@@ -448,6 +461,8 @@ def fit(
     callbacks: Iterable[Callable[[History, dict], None]] = (),
     progress: bool | None = None,
     monitor_initial: bool = False,
+    diagnostics_every: int = 0,
+    diagnostics_images: int = 8,
 ) -> History:
     """Train ``method`` on the auxiliary split ``train``; write checkpoints to ``out_dir``.
 
@@ -467,6 +482,12 @@ def fit(
             only the final outputs are rewritten); False: start over.
         callbacks: ``f(history, epoch_row)`` after each epoch's checkpoint is written.
         progress: tqdm bars (None: only when stderr is a terminal).
+        diagnostics_every: Bayes-PFL only: every this many steps, add
+            :func:`pfl.method.diagnostics.posterior_diagnostics` (R = ``mc_test``, noise from
+            ``cfg.seed``) of :func:`diagnostics_batch` to the step's row, as ``post/<key>``
+            columns of ``steps_frame()`` (NaN on the other steps). 0 (default): off. It draws
+            from no training stream: the weights are those of a run without it.
+        diagnostics_images: how many training images those diagnostics look at.
     Returns:
         :class:`History` (also in ``out_dir``); ``method`` holds the selected state.
     Raises:
@@ -494,6 +515,14 @@ def fit(
                              "(it reads target categories: the authors' leaky selection)")
         select_store = target.subset(classes=official_selection_classes(target.classes))
         select_prefix = "select"
+
+    track = None
+    if diagnostics_every:
+        if diagnostics_every < 0 or not isinstance(method, BayesPFL):
+            raise ValueError(f"diagnostics_every={diagnostics_every}: the posterior diagnostics "
+                             f"need a BayesPFL model (got {method.name!r}) and a count of steps "
+                             ">= 1; pass 0 to switch them off")
+        track = diagnostics_batch(train, diagnostics_images)
 
     n_steps = steps_per_epoch(len(train), cfg)
     opt, sched = build_optimizer(method, cfg, n_steps * cfg.epochs)
@@ -540,7 +569,12 @@ def fit(
             lr = opt.param_groups[0]["lr"]
             if sched is not None:
                 sched.step()
-            history.steps.append({"epoch": epoch + 1, "step": step, "lr": lr, **terms})
+            step_row = {"epoch": epoch + 1, "step": step, "lr": lr, **terms}
+            if track is not None and step % diagnostics_every == 0:
+                post = posterior_diagnostics(method, track.features(method.backbone),
+                                             track.cls_names, seed=cfg.seed)
+                step_row |= {f"post/{k}": v for k, v in post.items()}
+            history.steps.append(step_row)
             totals.append(terms["total"])
             bar.set_postfix(loss=f"{terms['total']:.4f}")
             bar.update()
