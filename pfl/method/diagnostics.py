@@ -1,4 +1,4 @@
-"""What the posterior of a Bayes-PFL model looks like now: the numbers issue #16 tracks.
+"""What the posterior of a Bayes-PFL model looks like: |mu|, sigma, spreads, prompt distances.
 
 For a :class:`pfl.method.model.BayesPFL` and a fixed set of images (precomputed features),
 :func:`posterior_diagnostics` measures the prompt distributions and their effect:
