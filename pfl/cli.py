@@ -62,6 +62,10 @@ def _add_pretrain(sub, fields: bool = True) -> None:
         if isinstance(default, tuple):
             p.add_argument(flag, type=type(default[0]), nargs=len(default), default=None,
                            dest=f.name, help=f"default {' '.join(map(str, default))}")
+        elif f.name == "photos":
+            p.add_argument(flag, type=str, default=None, dest=f.name,
+                           help="folder of photo stamps, e.g. /usr/share/tuxpaint/stamps "
+                                "(apt-get install tuxpaint-stamps-default); default none")
         elif f.name == "final_size":
             p.add_argument(flag, type=_int_or_none, default=None, dest=f.name,
                            help=f"int or none; default {default}")
