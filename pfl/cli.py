@@ -41,7 +41,8 @@ def _add_pretrain(sub, fields: bool = True) -> None:
     open_clip, seconds) when another command runs."""
     import dataclasses
 
-    p = sub.add_parser("pretrain", help="pretrain the tiny CLIP on procedural patterns (resumable)")
+    p = sub.add_parser("pretrain", help="pretrain the tiny CLIP on procedural patterns, "
+                       "optionally with photos (--photos, --photo-share; resumable)")
     p.add_argument("--out", default="runs/tiny_clip", help="folder for checkpoints and weights")
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop after this many steps in all (same schedule); rerun to resume")
@@ -62,6 +63,13 @@ def _add_pretrain(sub, fields: bool = True) -> None:
         if isinstance(default, tuple):
             p.add_argument(flag, type=type(default[0]), nargs=len(default), default=None,
                            dest=f.name, help=f"default {' '.join(map(str, default))}")
+        elif f.name == "photos":
+            p.add_argument(flag, type=str, default=None, dest=f.name,
+                           help="folder of photo stamps, e.g. /usr/share/tuxpaint/stamps "
+                                "(apt-get install tuxpaint-stamps-default); default none")
+        elif f.name == "photo_share":
+            p.add_argument(flag, type=float, default=None, dest=f.name,
+                           help="share of pairs drawn from --photos, 0..1; default 0")
         elif f.name == "final_size":
             p.add_argument(flag, type=_int_or_none, default=None, dest=f.name,
                            help=f"int or none; default {default}")

@@ -9,6 +9,12 @@ defects painted by :mod:`pfl.data.defects`. Nothing of the ``aux``, ``target`` o
 domains (photographs) can enter: the generator imports neither :mod:`pfl.data.synthetic` nor any
 image file, and the caption vocabulary holds no category word of those domains (tested).
 
+Optionally (issue #16, ``photos`` and ``photo_share``, off by default) a share of the pairs
+comes from photographs a Debian package installs (:mod:`pfl.data.photos`: stamps composited
+on low-contrast backgrounds, captioned with their description's noun words); the photos that
+equal a benchmark source or look like a target or medical category are left out, and the
+record lists the folder, the package and version, the counts and a hash of the photos used.
+
 Three choices differ from CLIP, each for a measured reason:
 
 - **Pairs.** Every batch holds ``batch`` pairs: one pattern image, flawless and with one
@@ -66,6 +72,8 @@ from torch import nn
 from pfl.clip.backbone import _quiet_open_clip, register_configs
 from pfl.data.defects import DEFECT_KINDS, paint_defect
 from pfl.data.patterns import PATTERNS, pattern_image
+from pfl.data.photos import DEFAULT_ROOT as DEFAULT_PHOTOS
+from pfl.data.photos import draw_photo_pair, load_rgba, photo_record, photo_set
 from pfl.data.preprocess import CLIP_MEAN, CLIP_STD
 from pfl.utils import (
     atomic_write,
@@ -144,10 +152,17 @@ class PretrainConfig:
     seed: int = 0  # data stream: the batch of step t comes from default_rng([seed, t])
     threads: int = 1  # torch.set_num_threads; CPU results are exact for a fixed count
     checkpoint_every: int = 50  # steps between checkpoints
+    photos: str | None = None  # folder of photo stamps (pfl.data.photos); None: patterns only
+    photo_share: float = 0.0  # share of pairs drawn from the photos; 0: patterns only
 
     def __post_init__(self):
         self.defect_area = tuple(self.defect_area)
         self.betas = tuple(self.betas)
+        if not 0.0 <= self.photo_share <= 1.0:
+            raise ValueError(f"photo_share={self.photo_share} must lie in [0, 1]")
+        if self.photo_share > 0 and not self.photos:
+            raise ValueError(f"photo_share={self.photo_share} needs a photo folder: pass "
+                             f"--photos {DEFAULT_PHOTOS} (or another folder of stamps)")
         if self.final_size is not None and not 0 <= self.final_steps <= self.steps:
             raise ValueError(f"final_steps={self.final_steps} must lie in 0..steps={self.steps}")
 
@@ -183,7 +198,8 @@ class Batch:
 
     images: (2P, 3, S, S) CLIP-normalised; masks: (2P, S, S) 0/1; fractions: (2P, T) share of
     each patch (row-major grid, as the tokens) covered by the mask; captions, states,
-    patterns, kinds: per image (kind "" for a normal image).
+    patterns, kinds: per image (kind "" for a normal image; pattern: the pattern's name, or a
+    photo's noun phrase).
     """
 
     images: torch.Tensor
@@ -199,8 +215,11 @@ def _pick(rng: np.random.Generator, options):
     return options[int(rng.integers(len(options)))]
 
 
-def caption_pair(rng: np.random.Generator, pattern: str, kind: str) -> tuple[str, str, str, str]:
+def caption_pair(rng: np.random.Generator, pattern: str, kind: str,
+                 photo: bool = False) -> tuple[str, str, str, str]:
     """(normal caption, defect caption, normal state, defect state) sharing template and noun.
+
+    ``photo``: ``pattern`` is a photo's noun phrase (pfl.data.photos), used as the noun as is.
 
     >>> n, d, _, _ = caption_pair(np.random.default_rng(3), "zigzag", "scratch")
     >>> n
@@ -209,9 +228,12 @@ def caption_pair(rng: np.random.Generator, pattern: str, kind: str) -> tuple[str
     'a dark photo of the zigzag pattern with damage.'
     """
     template = _pick(rng, TEMPLATES)
-    u = rng.uniform()
-    noun = (f"{pattern} pattern" if u < 0.4 else f"{pattern} texture" if u < 0.55
-            else pattern if u < 0.75 else _pick(rng, GENERIC_NOUNS))
+    if photo:
+        noun = pattern
+    else:
+        u = rng.uniform()
+        noun = (f"{pattern} pattern" if u < 0.4 else f"{pattern} texture" if u < 0.55
+                else pattern if u < 0.75 else _pick(rng, GENERIC_NOUNS))
     normal = _pick(rng, NORMAL_STATES)
     defect = _pick(rng, KIND_STATES[kind] if rng.uniform() < 0.5 else GENERIC_DEFECT_STATES)
     return (template.format(normal.format(noun)), template.format(defect.format(noun)),
@@ -270,8 +292,17 @@ def draw_batch(cfg: PretrainConfig, step: int) -> tuple:
     zoom = cfg.zoom if size == cfg.image_size else 0.0
     imgs, masks, caps, states, pats, kinds = [], [], [], [], [], []
     for _ in range(pairs):
-        normal, defective, mask, pattern, kind = draw_pair(rng, size, zoom, cfg.defect_area)
-        cn, cd, sn, sd = caption_pair(rng, pattern, kind)
+        # The share test draws from the stream only when photos are on: share 0 keeps the
+        # patterns-only stream bit for bit.
+        if cfg.photo_share > 0 and rng.uniform() < cfg.photo_share:
+            photo = _pick(rng, photo_set(cfg.photos).photos)
+            normal, defective, mask, kind = draw_photo_pair(load_rgba(photo.path), rng, size,
+                                                            cfg.defect_area)
+            pattern = photo.noun
+            cn, cd, sn, sd = caption_pair(rng, pattern, kind, photo=True)
+        else:
+            normal, defective, mask, pattern, kind = draw_pair(rng, size, zoom, cfg.defect_area)
+            cn, cd, sn, sd = caption_pair(rng, pattern, kind)
         imgs += [normal, defective]
         masks += [np.zeros_like(mask), mask]
         caps += [cn, cd]
@@ -630,6 +661,8 @@ def pretrain(cfg: PretrainConfig, out: str | Path, stop_after: int | None = None
         # Full fp32 matmuls and convolutions, as on CPU.
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
+    if cfg.photo_share > 0:
+        photo_set(cfg.photos)  # scan once here: a missing folder fails before any work
     model = Pretrainer(cfg).to(device)
     optimizer = make_optimizer(model)
     step, history = 0, []
@@ -727,6 +760,7 @@ def write_record(path: str | Path, cfg: PretrainConfig, history: list[dict], dig
             "normal_states": list(NORMAL_STATES),
             "defect_states": {"generic": list(GENERIC_DEFECT_STATES), **KIND_STATES},
         },
+        "photos": photo_record(photo_set(cfg.photos)) if cfg.photo_share > 0 else None,
         "steps": len(history),
         "first_losses": [h["loss"] for h in history[:5]],
         "final_loss": history[-1]["loss"],
