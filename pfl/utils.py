@@ -11,7 +11,8 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,25 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 SEED_HIGH = 2**62  # derived seeds lie in [0, 2^62): they fit an int64 and torch's manual_seed
+
+
+@contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Torch's default dtype is ``dtype`` inside the block and what it was after it.
+
+    For work whose result is recorded in one dtype (a tower's random init, the tiny CLIP's
+    pretraining) while ``pfl.setup()`` may have made the process default float64.
+
+    >>> with default_dtype(torch.float64):
+    ...     torch.zeros(1).dtype
+    torch.float64
+    """
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 def derive_seed(seed: int, *parts: object) -> int:

@@ -17,6 +17,7 @@ from PIL import Image
 from pfl.clip import pretrain as P
 from pfl.clip.backbone import ASSETS, load_weights
 from pfl.run.features import pattern_store
+from pfl.utils import default_dtype
 
 RECORD = ASSETS / "tiny_clip.json"
 WEIGHTS = ASSETS / "tiny_clip.safetensors"
@@ -242,7 +243,11 @@ def test_record_first_losses_reproduce(tmp_path):
     """
     record = json.loads(RECORD.read_text())
     cfg = P.PretrainConfig.from_dict(record["config"])
-    history = P.pretrain(cfg, tmp_path, stop_after=2, progress=False)
+    # Under a float64 default too (what pfl.setup() gives the smoke CLI): pretraining keeps
+    # the record's float32, so `pfl pretrain` reproduces it.
+    with default_dtype(torch.float64):
+        history = P.pretrain(cfg, tmp_path, stop_after=2, progress=False)
+        assert torch.get_default_dtype() == torch.float64
     got = [h["loss"] for h in history]
     assert got == pytest.approx(record["first_losses"][:2], abs=1e-6)
 

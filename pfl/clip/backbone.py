@@ -28,7 +28,7 @@ from open_clip.model import resize_pos_embed
 from torch import nn
 
 from pfl.config import BackboneConfig, active
-from pfl.utils import content_keys
+from pfl.utils import content_keys, default_dtype
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 TINY_WEIGHTS = ASSETS / "tiny_clip.safetensors"
@@ -163,17 +163,12 @@ def create_clip(cfg: BackboneConfig, load: bool = True) -> nn.Module:
     # Seed the init without disturbing the caller's global RNG stream, and build in the
     # tower's own dtype (not the process default), so a random init is the same in any process.
     build_dtype = torch.float64 if cfg.precision == "fp64" else torch.float32
-    default = torch.get_default_dtype()
-    with torch.random.fork_rng(devices=[]), _quiet_open_clip():
+    with torch.random.fork_rng(devices=[]), _quiet_open_clip(), default_dtype(build_dtype):
         torch.manual_seed(cfg.init_seed)
-        torch.set_default_dtype(build_dtype)
-        try:
-            model = open_clip.create_model(
-                cfg.model_name, pretrained=None, force_image_size=cfg.image_size,
-                precision="fp32" if cfg.precision == "fp64" else cfg.precision,
-            )
-        finally:
-            torch.set_default_dtype(default)
+        model = open_clip.create_model(
+            cfg.model_name, pretrained=None, force_image_size=cfg.image_size,
+            precision="fp32" if cfg.precision == "fp64" else cfg.precision,
+        )
     if weights is not None:
         load_weights(model, weights)
     return model

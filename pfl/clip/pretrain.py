@@ -9,7 +9,7 @@ defects painted by :mod:`pfl.data.defects`. Nothing of the ``aux``, ``target`` o
 domains (photographs) can enter: the generator imports neither :mod:`pfl.data.synthetic` nor any
 image file, and the caption vocabulary holds no category word of those domains (tested).
 
-Optionally (issue #16, ``photos`` and ``photo_share``, off by default) a share of the pairs
+Optionally (``photos`` and ``photo_share``, off by default) a share of the pairs
 comes from photographs a Debian package installs (:mod:`pfl.data.photos`: stamps composited
 on low-contrast backgrounds, captioned with their description's noun words); the photos that
 equal a benchmark source or look like a target or medical category are left out, and the
@@ -79,6 +79,7 @@ from pfl.utils import (
     atomic_write,
     atomic_write_json,
     atomic_write_text,
+    default_dtype,
     latest_point,
     remove_stale,
     write_point,
@@ -652,10 +653,19 @@ def pretrain(cfg: PretrainConfig, out: str | Path, stop_after: int | None = None
     tests replay the first steps of the shipped run). ``progress``: None -> a bar on a tty.
     ``device``/``workers``: where the model runs and how many processes draw batches; neither
     changes the batches, but float results are exact only on one machine type and device.
+    Runs in float32 whatever torch's default dtype is (tests/test_pretrain.py replays the
+    record under a float64 default).
     """
+    # float32 whatever the process default (pfl.setup() makes smoke processes float64): the
+    # dtype the shipped record was made in, so its command reproduces it.
+    with default_dtype(torch.float32):
+        return _pretrain(cfg, Path(out), stop_after, progress, command, device, workers, machine)
+
+
+def _pretrain(cfg: PretrainConfig, out: Path, stop_after: int | None, progress: bool | None,
+              command: str | None, device: str, workers: int, machine: str | None) -> list[dict]:
     from tqdm.auto import tqdm
 
-    out = Path(out)
     torch.set_num_threads(cfg.threads)
     if device.startswith("cuda"):
         # Full fp32 matmuls and convolutions, as on CPU.

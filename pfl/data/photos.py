@@ -1,6 +1,6 @@
 """Photographs for pretraining the tiny CLIP: find, filter and composite stamps of a Debian package.
 
-Issue #16 ("tower v2"): besides procedural patterns (:mod:`pfl.data.patterns`), the tiny CLIP
+Besides procedural patterns (:mod:`pfl.data.patterns`), the tiny CLIP
 may pretrain on real photographs that an installed Debian package ships. The default source is
 ``tuxpaint-stamps-default``: ``<root>/<category>/.../<name>.png`` cut-out objects (RGBA, mostly
 photographs) with ``<name>.txt`` beside each, whose first unprefixed line is the English
