@@ -39,11 +39,11 @@ test: $(STAMP)
 
 # The same stored outputs again under the plainest kernels ("another CPU", README "Same numbers
 # on any CPU"): both passes must agree. CI's 20-minute budget holds the notebooks that train
-# cheaply (03b trains Bayes-PFL on a subset, 03 fits flows, 00b pretrains a tower, and the
-# solutions); `make test-plain-kernels-all` runs every notebook, 04-08 too: ~20 more minutes on
-# 2 cores (README).
+# cheaply (03b trains Bayes-PFL on a subset, 03 fits flows, 00b pretrains a tower);
+# `make test-plain-kernels-all` runs every notebook and the solutions, 04-08 too: ~20 more
+# minutes on 2 cores (README).
 PLAIN_NOTEBOOKS := notebooks/03b_bayesian_view.ipynb notebooks/03_planar_flows.ipynb \
-	notebooks/00b_tiny_clip.ipynb notebooks/solutions
+	notebooks/00b_tiny_clip.ipynb
 test-plain-kernels: $(STAMP)
 	tmp=$$(mktemp -d) && $(PLAIN_KERNELS) PFL_FIGURES_DIR=$$tmp $(VENV)/bin/pytest -n 2 \
 		--dist loadfile $(PLAIN_NOTEBOOKS) $(NBVAL) && rm -rf $$tmp

@@ -67,6 +67,10 @@ def _add_pretrain(sub, fields: bool = True) -> None:
             p.add_argument(flag, type=str, default=None, dest=f.name,
                            help="folder of photo stamps, e.g. /usr/share/tuxpaint/stamps "
                                 "(apt-get install tuxpaint-stamps-default); default none")
+        elif f.name == "init_weights":
+            p.add_argument(flag, type=str, default=None, dest=f.name,
+                           help="open_clip weights to continue from, e.g. "
+                                "pfl/clip/assets/tiny_clip.safetensors; default: random init")
         elif f.name == "photo_share":
             p.add_argument(flag, type=float, default=None, dest=f.name,
                            help="share of pairs drawn from --photos, 0..1; default 0")

@@ -1,6 +1,7 @@
 """Tests of pfl.clip.pretrain: the losses against references, the shipped record, leaks, resume."""
 
 import builtins
+import dataclasses
 import io
 import json
 import math
@@ -262,3 +263,23 @@ def test_pattern_store_is_balanced_deterministic_and_apart_from_training(tiny_ba
     assert torch.equal(a.feats.global_, b.feats.global_)
     other = pattern_store(tiny_backbone, pairs=5, batch=2, seed=0)  # the training stream
     assert not torch.equal(a.feats.global_, other.feats.global_)
+
+
+def test_init_weights_continue_from_the_shipped_tower(tmp_path):
+    shipped = ASSETS / "tiny_clip.safetensors"
+    cfg = P.PretrainConfig(steps=2, batch=2, image_size=56, final_size=None, warmup=1,
+                           checkpoint_every=1, init_weights=str(shipped))
+    model = P.Pretrainer(cfg)
+    reference = P.init_clip(cfg.model_name, 56)
+    load_weights(reference, shipped)
+    for (name, a), b in zip(model.clip.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(a, b), name  # the shipped tower, its temperature included
+    assert not torch.equal(P.Pretrainer(P.PretrainConfig(image_size=56)).clip.logit_scale,
+                           model.clip.logit_scale)
+    P.pretrain(cfg, tmp_path, progress=False)
+    record = json.loads((tmp_path / "tiny_clip.json").read_text())
+    assert record["init_weights_sha256"] == P.sha256(shipped)
+    assert "--init-weights" in record["command"]
+    with pytest.raises(FileNotFoundError, match="no such file.*tiny_clip.safetensors"):
+        P.pretrain(dataclasses.replace(cfg, init_weights=str(tmp_path / "x.safetensors")),
+                   tmp_path / "b", progress=False)

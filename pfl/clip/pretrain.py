@@ -69,7 +69,7 @@ import torch.nn.functional as F
 from open_clip.model import resize_pos_embed
 from torch import nn
 
-from pfl.clip.backbone import _quiet_open_clip, register_configs
+from pfl.clip.backbone import _quiet_open_clip, load_weights, register_configs
 from pfl.data.defects import DEFECT_KINDS, paint_defect
 from pfl.data.patterns import PATTERNS, pattern_image
 from pfl.data.photos import DEFAULT_ROOT as DEFAULT_PHOTOS
@@ -86,6 +86,7 @@ from pfl.utils import (
 )
 
 log = logging.getLogger(__name__)
+TINY_WEIGHTS_HINT = "pfl/clip/assets/tiny_clip.safetensors"  # the shipped tower, to continue
 
 # --- the caption vocabulary ---------------------------------------------------------------------
 # Phrasings cover those of hand-written zero-shot prompts (adjective before the noun, "with ..."
@@ -155,6 +156,9 @@ class PretrainConfig:
     checkpoint_every: int = 50  # steps between checkpoints
     photos: str | None = None  # folder of photo stamps (pfl.data.photos); None: patterns only
     photo_share: float = 0.0  # share of pairs drawn from the photos; 0: patterns only
+    # open_clip weights to continue from (e.g. the shipped pfl/clip/assets/tiny_clip.safetensors,
+    # its learned temperature included); None: the seeded random init
+    init_weights: str | None = None
 
     def __post_init__(self):
         self.defect_area = tuple(self.defect_area)
@@ -422,8 +426,11 @@ class Pretrainer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.clip = init_clip(cfg.model_name, cfg.image_size, cfg.init_seed)
-        with torch.no_grad():
-            self.clip.logit_scale.fill_(cfg.init_logit_scale)
+        if cfg.init_weights:
+            load_weights(self.clip, Path(cfg.init_weights))  # keeps their logit scale
+        else:
+            with torch.no_grad():
+                self.clip.logit_scale.fill_(cfg.init_logit_scale)
         self.dense_scale = nn.Parameter(torch.tensor(float(cfg.init_dense_scale)))
         self.tokenizer = open_clip.get_tokenizer("ViT-B-32")
         self.patch = self.clip.visual.patch_size[0]
@@ -673,6 +680,9 @@ def _pretrain(cfg: PretrainConfig, out: Path, stop_after: int | None, progress: 
         torch.backends.cudnn.allow_tf32 = False
     if cfg.photo_share > 0:
         photo_set(cfg.photos)  # scan once here: a missing folder fails before any work
+    if cfg.init_weights and not Path(cfg.init_weights).is_file():
+        raise FileNotFoundError(f"init_weights {cfg.init_weights!r}: no such file; pass open_clip "
+                                f"weights of {cfg.model_name}, e.g. {TINY_WEIGHTS_HINT}")
     model = Pretrainer(cfg).to(device)
     optimizer = make_optimizer(model)
     step, history = 0, []
@@ -771,6 +781,7 @@ def write_record(path: str | Path, cfg: PretrainConfig, history: list[dict], dig
             "defect_states": {"generic": list(GENERIC_DEFECT_STATES), **KIND_STATES},
         },
         "photos": photo_record(photo_set(cfg.photos)) if cfg.photo_share > 0 else None,
+        "init_weights_sha256": sha256(cfg.init_weights) if cfg.init_weights else None,
         "steps": len(history),
         "first_losses": [h["loss"] for h in history[:5]],
         "final_loss": history[-1]["loss"],
