@@ -36,3 +36,11 @@ def adam_steps(method, batch, steps: int, lr: float, generator: torch.Generator)
         opt.step()
         losses.append(float(loss.total.detach()))
     return losses
+
+
+def random_image_features(backbone: Backbone, n: int, seed: int = 0):
+    """``backbone``'s features of ``n`` seeded random images (no gradients)."""
+    S = backbone.image_size
+    images = torch.randn(n, 3, S, S, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return backbone.encode_image(images)

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import random_image_features
 
 from pfl.config import ModelConfig, TrainConfig
 from pfl.method.diagnostics import KEYS, posterior_diagnostics
@@ -25,10 +26,7 @@ class Killed(Exception):
 
 @pytest.fixture(scope="module")
 def feats(tiny_backbone):
-    S = tiny_backbone.image_size
-    images = torch.randn(3, 3, S, S, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        return tiny_backbone.encode_image(images)
+    return random_image_features(tiny_backbone, 3)
 
 
 def perturbed(backbone, seed: int = 1) -> BayesPFL:

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import random_image_features
 from torch import nn
 
 from pfl.config import ModelConfig
@@ -24,10 +25,7 @@ def model(tiny_backbone):
 
 @pytest.fixture(scope="module")
 def feats(tiny_backbone):
-    S = tiny_backbone.image_size
-    images = torch.randn(2, 3, S, S, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        return tiny_backbone.encode_image(images)
+    return random_image_features(tiny_backbone, 2)
 
 
 def _run(model, feats, **kw):
