@@ -69,7 +69,7 @@ import torch.nn.functional as F
 from open_clip.model import resize_pos_embed
 from torch import nn
 
-from pfl.clip.backbone import _quiet_open_clip, load_weights, register_configs
+from pfl.clip.backbone import TINY_WEIGHTS, _quiet_open_clip, load_weights, register_configs
 from pfl.data.defects import DEFECT_KINDS, paint_defect
 from pfl.data.patterns import PATTERNS, pattern_image
 from pfl.data.photos import DEFAULT_ROOT as DEFAULT_PHOTOS
@@ -86,7 +86,6 @@ from pfl.utils import (
 )
 
 log = logging.getLogger(__name__)
-TINY_WEIGHTS_HINT = "pfl/clip/assets/tiny_clip.safetensors"  # the shipped tower, to continue
 
 # --- the caption vocabulary ---------------------------------------------------------------------
 # Phrasings cover those of hand-written zero-shot prompts (adjective before the noun, "with ..."
@@ -682,7 +681,7 @@ def _pretrain(cfg: PretrainConfig, out: Path, stop_after: int | None, progress: 
         photo_set(cfg.photos)  # scan once here: a missing folder fails before any work
     if cfg.init_weights and not Path(cfg.init_weights).is_file():
         raise FileNotFoundError(f"init_weights {cfg.init_weights!r}: no such file; pass open_clip "
-                                f"weights of {cfg.model_name}, e.g. {TINY_WEIGHTS_HINT}")
+                                f"weights of {cfg.model_name}, e.g. the shipped {TINY_WEIGHTS}")
     model = Pretrainer(cfg).to(device)
     optimizer = make_optimizer(model)
     step, history = 0, []

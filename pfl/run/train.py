@@ -523,6 +523,7 @@ def fit(
                              f"need a BayesPFL model (got {method.name!r}) and a count of steps "
                              ">= 1; pass 0 to switch them off")
         track = diagnostics_batch(train, diagnostics_images)
+        track_feats = track.features(method.backbone)  # fixed images: encoded once
 
     n_steps = steps_per_epoch(len(train), cfg)
     opt, sched = build_optimizer(method, cfg, n_steps * cfg.epochs)
@@ -571,8 +572,7 @@ def fit(
                 sched.step()
             step_row = {"epoch": epoch + 1, "step": step, "lr": lr, **terms}
             if track is not None and step % diagnostics_every == 0:
-                post = posterior_diagnostics(method, track.features(method.backbone),
-                                             track.cls_names, seed=cfg.seed)
+                post = posterior_diagnostics(method, track_feats, track.cls_names, seed=cfg.seed)
                 step_row |= {f"post/{k}": v for k, v in post.items()}
             history.steps.append(step_row)
             totals.append(terms["total"])
