@@ -52,6 +52,23 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(before)
 
 
+# Environment flags that cap which CPU kernels compute a float (README, "Same numbers on any CPU").
+KERNEL_FLAGS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA",
+                "NPY_DISABLE_CPU_FEATURES", "OPENBLAS_CORETYPE")
+
+
+def kernel_dispatch() -> dict[str, str]:
+    """What selects the CPU kernels here: torch's version, its dispatched instruction set
+    (``torch.backends.cpu.get_cpu_capability()``) and those :data:`KERNEL_FLAGS` that are set.
+
+    Two processes with equal dicts run the same kernels on the same inputs; features cached on
+    disk are keyed by it (:func:`pfl.run.features.cache_key`), so a store computed under one
+    kernel setting (CI's best-kernel pass) is never served to another (its plain-kernel pass).
+    """
+    found = {"torch": torch.__version__, "capability": torch.backends.cpu.get_cpu_capability()}
+    return found | {k: os.environ[k] for k in KERNEL_FLAGS if os.environ.get(k)}
+
+
 def derive_seed(seed: int, *parts: object) -> int:
     """A seed in ``[0, 2^62)`` that depends only on ``seed`` and ``parts`` (SHA-256 of their text).
 

@@ -11,6 +11,7 @@ from _toy import ToyMethod, toy_store
 from pfl.config import EvalConfig
 from pfl.method.contract import Prediction
 from pfl.run.features import FeatureStore, cache_key, clear_memory_cache, extract
+from pfl.utils import kernel_dispatch
 
 S = 112  # the tiny_backbone fixture's input size
 
@@ -78,6 +79,16 @@ def test_disk_cache_hit_and_keys(tiny_backbone, tmp_path):
     extract(tiny_backbone, ds3, cache="memory")
     extract(tiny_backbone, ds3, cache="memory")
     assert ds3.reads == len(ds3)
+
+
+def test_cache_key_follows_the_cpu_kernels(tiny_backbone, monkeypatch):
+    """Features computed under one kernel setting are not served under another (issue #14)."""
+    ds = FakeDataset()
+    monkeypatch.delenv("MKL_ENABLE_INSTRUCTIONS", raising=False)
+    k = cache_key(tiny_backbone, ds, torch.float16)
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "SSE4_2")
+    assert cache_key(tiny_backbone, ds, torch.float16) != k
+    assert kernel_dispatch()["capability"] == torch.backends.cpu.get_cpu_capability()
 
 
 def test_batches_cover_every_sample_once_and_shuffle_is_seeded():

@@ -47,7 +47,7 @@ from pfl.config import repo_root
 from pfl.data.dataset import AnomalyDataset
 from pfl.data.synthetic import SynthConfig, ensure_benchmark
 from pfl.method.contract import Batch
-from pfl.utils import atomic_write
+from pfl.utils import atomic_write, kernel_dispatch
 
 CACHE_VERSION = 2  # bump when the stored layout changes: old cache files are then ignored
 CACHE_MODES = ("memory", "disk", "none")
@@ -109,9 +109,11 @@ def dataset_fingerprint(dataset) -> dict:
 
 
 def cache_key(backbone: Backbone, dataset, storage_dtype: torch.dtype) -> str:
-    """Hex key of (image-tower weights, layers, size, dataset split, storage dtype)."""
+    """Hex key of (image-tower weights, layers, size, dataset split, storage dtype, and the CPU
+    kernels that compute the features, :func:`pfl.utils.kernel_dispatch`)."""
     payload = {
         "version": CACHE_VERSION,
+        "kernels": kernel_dispatch(),
         "backbone": backbone_fingerprint(backbone),
         "dataset": dataset_fingerprint(dataset),
         "dtype": str(storage_dtype),
