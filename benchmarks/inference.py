@@ -28,6 +28,10 @@ peak memory per image: within 1.15x on a GPU, within 2x on the CPU smoke profile
   half, maps in full precision) and prints the half maps' and scores' largest difference
   from the full-precision ones (same seeds);
 * ``--map-std`` also times Bayes-PFL with its per-pixel uncertainty map (``map_std``);
+* ``--compiled-maps`` also times Bayes-PFL with its maps made by one compiled kernel
+  (``predict(map_kernel="compiled")``, :func:`pfl.method.maps.compiled_maps`; needs a C++
+  compiler on a CPU, Triton on a GPU; the compilation is part of the warm-up) and checks
+  those maps against the reference too;
 * ``--interleaved K`` also times APRIL-GAN and Bayes-PFL alternately K times and prints the
   ratio of their fastest runs: on a machine shared with other jobs the load can change
   several-fold between the methods' turns, which medians taken one method after the other
@@ -73,6 +77,7 @@ PROFILES = {
 }
 CLASS_NAMES = ("bottle", "metal_nut", "screw", "pcb1")  # cycled over the batch
 TOLERANCE = 1e-4
+COMPILED = "Bayes-PFL (compiled maps)"
 METRIC_COLUMNS = (("image_auroc", "img AUROC"), ("image_ap", "img AP"),
                   ("pixel_auroc", "px AUROC"), ("pixel_ap", "px AP"))
 
@@ -99,13 +104,14 @@ class BayesPFLInference:
 
     name = "Bayes-PFL"
 
-    def __init__(self, model: BayesPFL, precision: str | None = None, map_std: bool = False):
+    def __init__(self, model: BayesPFL, precision: str | None = None, map_std: bool = False,
+                 map_kernel: str = "fused"):
         self.model, self.backbone = model, model.backbone
-        self.precision, self.map_std = precision, map_std
+        self.precision, self.map_std, self.map_kernel = precision, map_std, map_kernel
 
     def predict(self, batch: Batch, generator: torch.Generator) -> Prediction:
         return self.model.predict(batch, generator, map_std=self.map_std,
-                                  precision=self.precision)
+                                  precision=self.precision, map_kernel=self.map_kernel)
 
 
 class Autocast:
@@ -253,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time APRIL-GAN and Bayes-PFL under autocast in this precision")
     parser.add_argument("--map-std", action="store_true",
                         help="also time Bayes-PFL with its per-pixel uncertainty map")
+    parser.add_argument("--compiled-maps", action="store_true",
+                        help="also time Bayes-PFL with map_kernel='compiled' (torch.compile)")
     parser.add_argument("--interleaved", type=int, default=0, metavar="K",
                         help="also time APRIL-GAN and Bayes-PFL alternately K times and give the "
                              "ratio of their fastest runs (steadier on a loaded machine)")
@@ -283,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     methods["Bayes-PFL"] = BayesPFLInference(bayes)
     if args.map_std:
         methods["Bayes-PFL (+map_std)"] = BayesPFLInference(bayes, map_std=True)
+    if args.compiled_maps:
+        methods[COMPILED] = BayesPFLInference(bayes, map_kernel="compiled")
     if args.half:
         if "APRIL-GAN" in peers:
             methods[f"APRIL-GAN ({args.half})"] = Autocast(peers["APRIL-GAN"], device, args.half)
@@ -320,9 +330,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"GOAL{tag or ' (' + args.dtype + ')'}: Bayes-PFL / APRIL-GAN = "
                   f"{b['ms']:.1f} / {a['ms']:.1f} ms/img = {ratio:.2f}x{verdict}; peak rise per "
                   f"image {b['rise_mb'] / args.batch:.1f} vs {a['rise_mb'] / args.batch:.1f} MB")
+    if COMPILED in rows and "APRIL-GAN" in rows:
+        ratio = rows[COMPILED]["ms"] / rows["APRIL-GAN"]["ms"]
+        print(f"GOAL (compiled maps): Bayes-PFL / APRIL-GAN = {rows[COMPILED]['ms']:.1f} / "
+              f"{rows['APRIL-GAN']['ms']:.1f} ms/img = {ratio:.2f}x")
     if args.interleaved and "APRIL-GAN" in methods:
-        pair = {k: methods[k] for k in ("APRIL-GAN", "Bayes-PFL", "Bayes-PFL (+map_std)")
-                if k in methods}
+        pair = {k: methods[k] for k in ("APRIL-GAN", "Bayes-PFL", "Bayes-PFL (+map_std)",
+                                        COMPILED) if k in methods}
         for m in pair.values():  # warm-up
             run_once(m, images, cls_names, device)
         fastest = {k: float("inf") for k in pair}
@@ -376,6 +390,14 @@ def main(argv: list[str] | None = None) -> int:
         ok = map_err <= TOLERANCE and score_err <= TOLERANCE
         print(f"pfl vs reference: max |map diff| = {map_err:.2e}, max |score diff| = "
               f"{score_err:.2e} (tolerance {TOLERANCE:.0e}): {'OK' if ok else 'MISMATCH'}")
+        if COMPILED in rows:
+            with torch.no_grad():
+                comp = bayes.forward_features(bb.encode_image(images[:n_ref]), cls_names[:n_ref],
+                                              seeds=seeds, map_kernel="compiled")
+            comp_err = float((comp.anomaly_map - ref_maps).abs().max())
+            ok = ok and comp_err <= TOLERANCE
+            print(f"compiled maps vs reference: max |map diff| = {comp_err:.2e}: "
+                  f"{'OK' if comp_err <= TOLERANCE else 'MISMATCH'}")
     return 0 if ok and not failed else 1
 
 

@@ -1,10 +1,13 @@
 """The fused map kernel against the straightforward upsample -> sigmoid -> mean."""
 
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from pfl.method.maps import (
+    compiled_maps,
     fused_maps,
     interpolation_matrix,
     mean_sigmoid_reference,
@@ -77,6 +80,26 @@ def test_autocast_does_not_lower_the_maps_precision():
         got = fused_maps(diff, (16, 16))
     assert got.layer_maps.dtype == torch.float32
     torch.testing.assert_close(got.layer_maps, fused_maps(diff, (16, 16)).layer_maps)
+
+
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="torch.compile on a CPU needs a C++ compiler")
+def test_compiled_maps_equal_the_exact_maps_in_float32():
+    # One compilation (maps, spread and per-sample maps of one shape), as the fused test above.
+    diff = _diff((1, 2, 20, 8, 8), scale=10.0, dtype=torch.float32)
+    with torch.no_grad():
+        got = compiled_maps(diff, (112, 112), n_samples=10, keep_samples=True)
+    exact = mean_sigmoid_reference(diff.double(), (112, 112))
+    assert got.layer_maps.dtype == torch.float32
+    assert float((got.layer_maps.double() - exact).abs().max()) < 1e-6
+    std = sample_std_reference(diff.double(), (112, 112), 10)
+    assert float((got.sample_std.double() - std).abs().max()) < 1e-6
+    fused = fused_maps(diff, (112, 112), n_samples=10, keep_samples=True)
+    torch.testing.assert_close(got.sample_maps, fused.sample_maps, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="inference"):
+        compiled_maps(diff.requires_grad_(), (112, 112))
+    with pytest.raises(ValueError, match="B x R"):
+        compiled_maps(torch.zeros(1, 1, 6, 4, 4), (8, 8), n_samples=4)
 
 
 def test_bad_input_is_named():

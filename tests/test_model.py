@@ -321,6 +321,8 @@ def test_bad_input_is_named(model, images):
         _forward(model, images[:2], NAMES[:2], seeds=[0])
     with pytest.raises(ValueError, match="bank_index"):
         _forward(model, images[:1], NAMES[:1], seeds=[0], bank_index=3)
+    with pytest.raises(ValueError, match="'compiled', 'fused'"):
+        _forward(model, images[:1], NAMES[:1], seeds=[0], map_kernel="triton")
 
 
 def test_method_contract(tiny_backbone, images):

@@ -27,6 +27,7 @@ pixel. It comes from the same blocks.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -262,3 +263,59 @@ def _probability_blocks(diff: Tensor, size: tuple[int, int], align_corners: bool
                 lo, hi = k0[i], min(h, k0[j - 1] + 2)
                 z = torch.matmul(a_h[i:j, lo:hi], y[..., lo:hi, :], out=out)
             yield n0, n1, i, j, z.sigmoid_()
+
+
+def compiled_maps(diff: Tensor, size: tuple[int, int], align_corners: bool = False,
+                  n_samples: int | None = None, keep_samples: bool = False) -> FusedMaps:
+    """:func:`fused_maps` as one compiled kernel (``torch.compile``, inductor); inference only.
+
+    The same algebra, written as if every pair's map were made (``sigmoid`` of each output
+    row's two source rows of ``Y = d A_w^T``, then the means), which inductor turns into one
+    loop nest: per output pixel the M pair probabilities are made, squashed and summed in
+    registers, so not even a block of them is stored. On a CPU that removes the block's three
+    memory passes (multiply-add, sigmoid, mean) of :func:`fused_maps`; the sigmoids remain.
+    Measured with ``benchmarks/inference.py --compiled-maps`` (README, Table A.3).
+
+    Needs what inductor needs: a C++ compiler on a CPU (gcc or clang), Triton on a GPU. Each
+    new input shape compiles once per process (~10 s on a CPU), later calls reuse the kernel.
+    Equals :func:`fused_maps` to rounding (tested: 1e-6 in float32), not bit for bit: the
+    notebooks and training use :func:`fused_maps`. Arguments and result as :func:`fused_maps`.
+    """
+    if torch.is_grad_enabled() and diff.requires_grad:
+        raise ValueError("compiled_maps is for inference (no autograd): use fused_maps to train")
+    if diff.dim() != 5:
+        raise ValueError(f"compiled_maps: diff must be (N, L, M, h, w), got {tuple(diff.shape)}")
+    m = diff.shape[2]
+    if n_samples is not None and (n_samples < 1 or m % n_samples):
+        raise ValueError(f"compiled_maps: {m} pairs are not B x R for R = {n_samples}")
+    if keep_samples and n_samples is None:
+        raise ValueError("compiled_maps: keep_samples needs n_samples (R)")
+    h, w = diff.shape[-2:]
+    H, W = size
+    a_w = interpolation_matrix(w, W, align_corners, diff.dtype, diff.device)
+    k0, k1, lam = _source_rows(h, H, align_corners)
+    kernel = _compiled_kernel(n_samples, keep_samples)
+    with torch.autocast(device_type=diff.device.type, enabled=False):
+        maps, std, samples = kernel(diff, a_w, k0.to(diff.device), k1.to(diff.device),
+                                    lam.to(dtype=diff.dtype, device=diff.device))
+    return FusedMaps(maps, std, samples)
+
+
+@functools.cache
+def _compiled_kernel(n_samples: int | None, keep_samples: bool):
+    """The compiled kernel for one (R, keep_samples); compiled at its first call per shape."""
+    return torch.compile(functools.partial(_maps_kernel, n_samples=n_samples,
+                                           keep_samples=keep_samples), dynamic=False)
+
+
+def _maps_kernel(diff: Tensor, a_w: Tensor, k0: Tensor, k1: Tensor, lam: Tensor,
+                 n_samples: int | None, keep_samples: bool):
+    """Eager meaning of :func:`compiled_maps` (it would store every pair's map: compile it)."""
+    y = diff @ a_w.T  # (N, L, M, h, W): columns upsampled on the patch grid
+    lam = lam[:, None]
+    z = torch.sigmoid(y[..., k0, :] * (1 - lam) + y[..., k1, :] * lam)  # (N, L, M, H, W)
+    if n_samples is None:
+        return z.mean(2), None, None
+    per_sample = _per_sample(z, n_samples)
+    std = per_sample.var(1, correction=0).sqrt()
+    return z.mean(2), std, per_sample if keep_samples else None

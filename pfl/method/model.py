@@ -75,7 +75,7 @@ from pfl.config import ModelConfig, TrainConfig
 from pfl.method.contract import Batch, Prediction, Shard, StepLoss
 from pfl.method.flows import GaussianEncoder, PromptFlow
 from pfl.method.losses import LossTerms, bayes_pfl_loss
-from pfl.method.maps import fused_maps
+from pfl.method.maps import compiled_maps, fused_maps
 from pfl.method.official import SecondStageHead, official_init
 from pfl.method.prompts import PromptBank, PromptTemplates
 from pfl.method.rca import RCA, LayerProjections
@@ -353,7 +353,8 @@ class BayesPFL(nn.Module):
                          bank_index: int | None = None, n_samples: int | None = None,
                          share_iad: bool | None = None,
                          map_std: bool = False, sample_maps: bool = False,
-                         noise_scale: float = 1.0, use_rca: bool = True) -> BayesPFLOutput:
+                         noise_scale: float = 1.0, use_rca: bool = True,
+                         map_kernel: str = "fused") -> BayesPFLOutput:
         """The model on precomputed image features (:meth:`Backbone.encode_image`).
 
         Args:
@@ -376,6 +377,9 @@ class BayesPFL(nn.Module):
                 ``sigma -> 0`` of q0: every sample r is then the same prompt.
             use_rca: False skips RCA (``F_t' = F_t``: the text features meet the patches
                 unrefined), to measure what RCA adds on a trained model.
+            map_kernel: ``"fused"`` (:func:`pfl.method.maps.fused_maps`, the default, and the
+                one training uses) or ``"compiled"`` (:func:`pfl.method.maps.compiled_maps`:
+                one ``torch.compile`` kernel, inference only, equal to rounding).
 
         The head computes in its parameters' dtype whatever the features' (e.g. half
         precision features under ``torch.autocast``, see :meth:`predict`).
@@ -421,9 +425,11 @@ class BayesPFL(nn.Module):
         gh, gw = self.backbone.grid
         diff = (self.tau_pix.exp() * diff.to(dtype)).reshape(n, fs.shape[1], M, gh, gw)
         S = self.backbone.image_size
-        maps = fused_maps(diff, (S, S), self.cfg.official_compat,
-                          n_samples=R if map_std or sample_maps else None,
-                          keep_samples=sample_maps)
+        if map_kernel not in MAP_KERNELS:
+            raise ValueError(f"map_kernel {map_kernel!r}: use one of {sorted(MAP_KERNELS)}")
+        maps = MAP_KERNELS[map_kernel](diff, (S, S), self.cfg.official_compat,
+                                       n_samples=R if map_std or sample_maps else None,
+                                       keep_samples=sample_maps)
         layer_maps = maps.layer_maps
 
         # Global logits through phi (docs/reproduction.md, "Maps, scores and losses").
@@ -534,7 +540,7 @@ class BayesPFL(nn.Module):
     def predict(self, batch: Batch, generator: torch.Generator,
                 n_samples: int | None = None, *, map_std: bool = False,
                 precision: str | None = None, noise_scale: float = 1.0,
-                use_rca: bool = True) -> Prediction:
+                use_rca: bool = True, map_kernel: str = "fused") -> Prediction:
         """Anomaly maps ``(N, S, S)`` and global scores ``(N,)`` (no gradients).
 
         The run's seed is ``generator.initial_seed()`` (the generator's state is not used), so
@@ -552,16 +558,18 @@ class BayesPFL(nn.Module):
                 ``benchmarks/inference.py --half``.
             noise_scale, use_rca: as :meth:`forward_features` (0 and False are for teaching
                 and ablations: the deterministic prompt, Bayes-PFL without RCA).
+            map_kernel: as :meth:`forward_features` (``"compiled"``: faster, needs a compiler).
         """
         with torch.no_grad(), half_precision(self.tau_pix.device, precision):
             out = self.forward_features(self._batch_features(batch), batch.cls_names,
                                         seed=generator.initial_seed(), n_samples=n_samples,
                                         map_std=map_std, noise_scale=noise_scale,
-                                        use_rca=use_rca)
+                                        use_rca=use_rca, map_kernel=map_kernel)
         return Prediction(maps=out.anomaly_map, scores=out.score, map_std=out.map_std)
 
 
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
+MAP_KERNELS = {"fused": fused_maps, "compiled": compiled_maps}
 
 
 def half_precision(device: torch.device, precision: str | None):
