@@ -276,7 +276,8 @@ def compiled_maps(diff: Tensor, size: tuple[int, int], align_corners: bool = Fal
     memory passes (multiply-add, sigmoid, mean) of :func:`fused_maps`; the sigmoids remain.
     Measured with ``benchmarks/inference.py --compiled-maps`` (README, Table A.3).
 
-    Needs what inductor needs: a C++ compiler on a CPU (gcc or clang), Triton on a GPU. Each
+    Needs what inductor needs: a C++ compiler on a CPU (gcc or clang) and a vector ISA (its
+    scalar code for this kernel does not compile in torch 2.14), Triton on a GPU. Each
     new input shape compiles once per process (~10 s on a CPU), later calls reuse the kernel.
     Equals :func:`fused_maps` to rounding (tested: 1e-6 in float32), not bit for bit: the
     notebooks and training use :func:`fused_maps`. Arguments and result as :func:`fused_maps`.
@@ -290,6 +291,11 @@ def compiled_maps(diff: Tensor, size: tuple[int, int], align_corners: bool = Fal
         raise ValueError(f"compiled_maps: {m} pairs are not B x R for R = {n_samples}")
     if keep_samples and n_samples is None:
         raise ValueError("compiled_maps: keep_samples needs n_samples (R)")
+    if diff.device.type == "cpu" and torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+        raise RuntimeError(
+            "compiled_maps: under ATen's scalar CPU dispatch (ATEN_CPU_CAPABILITY=default, or a "
+            f"CPU without AVX2) inductor in torch {torch.__version__} writes C++ that does not "
+            "compile; use map_kernel='fused' (the default) here")
     h, w = diff.shape[-2:]
     H, W = size
     a_w = interpolation_matrix(w, W, align_corners, diff.dtype, diff.device)
