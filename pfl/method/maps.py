@@ -278,7 +278,7 @@ def compiled_maps(diff: Tensor, size: tuple[int, int], align_corners: bool = Fal
 
     Needs what inductor needs: a C++ compiler on a CPU (gcc or clang) and a vector ISA (its
     scalar code for this kernel does not compile in torch 2.14), Triton on a GPU. Each
-    new input shape compiles once per process (~10 s on a CPU), later calls reuse the kernel.
+    new input shape compiles once per process (5-40 s on a 2-core CPU), later calls reuse it.
     Equals :func:`fused_maps` to rounding (tested: 1e-6 in float32), not bit for bit: the
     notebooks and training use :func:`fused_maps`. Arguments and result as :func:`fused_maps`.
     """
