@@ -12,12 +12,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-plain-kernels test-plain-kernels-all test-fast lint figures bench clean trust lab nb-metadata check-lab
 
-# --no-compile: Python byte-compiles a module when it is first imported instead of pip compiling
-# all of torch's at install (a fresh install took 3 min 5 s with it, 1 min 36 s without).
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet --no-compile -e ".[notebooks,dev]"
+	$(PY) -m pip install --quiet -e ".[notebooks,dev]"
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 
