@@ -89,12 +89,16 @@ def learnable_tensors() -> dict[str, torch.Tensor]:
     return out
 
 
-def clip_recipe() -> dict[str, torch.Tensor]:
-    """The fixture's CLIP weights (fp16) from the recipe."""
+def recipe_clip() -> torch.nn.Module:
+    """The open_clip ViT-L-14-336 made after manual_seed(0) (the recipe's starting point)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        clip = open_clip.create_model("ViT-L-14-336", pretrained=None)
-    return recipe_clip_state_dict(clip)
+        return open_clip.create_model("ViT-L-14-336", pretrained=None)
+
+
+def clip_recipe() -> dict[str, torch.Tensor]:
+    """The fixture's CLIP weights (fp16) from the recipe."""
+    return recipe_clip_state_dict(recipe_clip())
 
 
 # The recipes draw with torch.randn, whose CPU kernel makes its Box-Muller normals with
@@ -131,9 +135,7 @@ def child_draws() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
 def make_backbone() -> Backbone:
     """The fixture's frozen CLIP, rebuilt from the recipe and checked against its SHA-256."""
     recipe = json.loads((FIX / "clip_recipe.json").read_text())
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        clip = open_clip.create_model("ViT-L-14-336", pretrained=None)
+    clip = recipe_clip()
     sd = recipe_clip_state_dict(clip) if AVX2 else child_draws()[0]
     assert len(sd) == recipe["n_tensors"]
     assert sha256_fp16(sd) == recipe["sha256_fp16_sorted"]

@@ -153,14 +153,7 @@ def fused_maps(diff: Tensor, size: tuple[int, int], align_corners: bool = False,
     Returns:
         :class:`FusedMaps`; ``layer_maps.mean(1)`` is the anomaly map.
     """
-    if diff.dim() != 5:
-        raise ValueError(f"fused_maps: diff must be (N, L, M, h, w), got {tuple(diff.shape)}")
-    n, n_layers, m, h, w = diff.shape
-    H, W = size
-    if n_samples is not None and (n_samples < 1 or m % n_samples):
-        raise ValueError(f"fused_maps: {m} pairs are not B x R for R = {n_samples}")
-    if keep_samples and n_samples is None:
-        raise ValueError("fused_maps: keep_samples needs n_samples (R)")
+    _check_inputs("fused_maps", diff, n_samples, keep_samples)
     on_cpu = diff.device.type == "cpu"
     budget = block_elements or (CPU_BLOCK if on_cpu else GPU_BLOCK)
     if row_step not in (None, "lerp", "matmul"):
@@ -169,6 +162,17 @@ def fused_maps(diff: Tensor, size: tuple[int, int], align_corners: bool = False,
     # In diff's own dtype even under torch.autocast (which would run the matmul in half).
     with torch.autocast(device_type=diff.device.type, enabled=False):
         return _fused_maps(diff, size, align_corners, n_samples, budget, lerp, keep_samples)
+
+
+def _check_inputs(who: str, diff: Tensor, n_samples: int | None, keep_samples: bool) -> None:
+    """The shape and sample-count checks that :func:`fused_maps` and :func:`compiled_maps` share."""
+    if diff.dim() != 5:
+        raise ValueError(f"{who}: diff must be (N, L, M, h, w), got {tuple(diff.shape)}")
+    m = diff.shape[2]
+    if n_samples is not None and (n_samples < 1 or m % n_samples):
+        raise ValueError(f"{who}: {m} pairs are not B x R for R = {n_samples}")
+    if keep_samples and n_samples is None:
+        raise ValueError(f"{who}: keep_samples needs n_samples (R)")
 
 
 def _fused_maps(diff: Tensor, size: tuple[int, int], align_corners: bool,
@@ -284,13 +288,7 @@ def compiled_maps(diff: Tensor, size: tuple[int, int], align_corners: bool = Fal
     """
     if torch.is_grad_enabled() and diff.requires_grad:
         raise ValueError("compiled_maps is for inference (no autograd): use fused_maps to train")
-    if diff.dim() != 5:
-        raise ValueError(f"compiled_maps: diff must be (N, L, M, h, w), got {tuple(diff.shape)}")
-    m = diff.shape[2]
-    if n_samples is not None and (n_samples < 1 or m % n_samples):
-        raise ValueError(f"compiled_maps: {m} pairs are not B x R for R = {n_samples}")
-    if keep_samples and n_samples is None:
-        raise ValueError("compiled_maps: keep_samples needs n_samples (R)")
+    _check_inputs("compiled_maps", diff, n_samples, keep_samples)
     if diff.device.type == "cpu" and torch.backends.cpu.get_cpu_capability() == "DEFAULT":
         raise RuntimeError(
             "compiled_maps: under ATen's scalar CPU dispatch (ATEN_CPU_CAPABILITY=default, or a "

@@ -384,6 +384,8 @@ class BayesPFL(nn.Module):
         The head computes in its parameters' dtype whatever the features' (e.g. half
         precision features under ``torch.autocast``, see :meth:`predict`).
         """
+        if map_kernel not in MAP_KERNELS:  # before any work
+            raise ValueError(f"map_kernel {map_kernel!r}: use one of {sorted(MAP_KERNELS)}")
         dtype = self.tau_pix.dtype  # the model's compute dtype (float64 in smoke)
         g, patches = feats.global_.to(dtype), feats.patches.to(dtype)
         n = g.shape[0]
@@ -425,8 +427,6 @@ class BayesPFL(nn.Module):
         gh, gw = self.backbone.grid
         diff = (self.tau_pix.exp() * diff.to(dtype)).reshape(n, fs.shape[1], M, gh, gw)
         S = self.backbone.image_size
-        if map_kernel not in MAP_KERNELS:
-            raise ValueError(f"map_kernel {map_kernel!r}: use one of {sorted(MAP_KERNELS)}")
         maps = MAP_KERNELS[map_kernel](diff, (S, S), self.cfg.official_compat,
                                        n_samples=R if map_std or sample_maps else None,
                                        keep_samples=sample_maps)
