@@ -179,7 +179,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 def test_two_gloo_processes_equal_one(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     _job(one)
-    ctx = mp.spawn(_worker, args=(2, _free_port(), str(two)), nprocs=2, join=False)
+    # fork, not spawn: a spawned child re-imports torch and pfl (~12 s of CPU each on a 2-core
+    # machine), a forked one starts from this process's modules; the job is the same.
+    ctx = mp.start_processes(_worker, args=(2, _free_port(), str(two)), nprocs=2, join=False,
+                             start_method="fork")
     for p in ctx.processes:  # not ctx.join(): it would end rank 0 as soon as rank 1 dies
         p.join(timeout=600)
     assert [p.exitcode for p in ctx.processes] == [0, 3]
