@@ -12,10 +12,14 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-plain-kernels test-plain-kernels-all test-fast lint figures bench clean trust lab nb-metadata check-lab
 
+# Byte-code is compiled after the install, on every core (pip compiles file by file): the
+# environment may set PYTHONDONTWRITEBYTECODE, and then every process (each notebook kernel)
+# would compile what it imports. Like pip, a file that does not compile is left to import time.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[notebooks,dev]"
+	$(PY) -m pip install --quiet --no-compile -e ".[notebooks,dev]"
+	$(PY) -m compileall -q -j 0 $(VENV)/lib pfl >/dev/null || true
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 
@@ -30,11 +34,19 @@ NBVAL := --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cf
 PLAIN_KERNELS := ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 ONEDNN_MAX_CPU_ISA=SSE41 \
 	NPY_DISABLE_CPU_FEATURES="X86_V3 X86_V4" OPENBLAS_CORETYPE=Nehalem
 
-# The heaviest files go first (notebooks before tests), so that the two workers end together.
+# Files run in the order named (xdist would otherwise sort them by their number of tests). 05 goes
+# first and caches the auxiliary features while the other worker runs 08, which needs none; 07,
+# 04 and 06 then read them instead of encoding them again; the many small files come last, so
+# that the two workers end together.
+NOTEBOOKS := $(wildcard notebooks/[0-9]*_*.ipynb)
+HEAVY_NOTEBOOKS := $(addprefix notebooks/,05_training.ipynb 08_ablations.ipynb \
+	07_peer_methods.ipynb 04_gaussian_vs_flow.ipynb 06_evaluation.ipynb)
+TEST_ORDER := $(HEAVY_NOTEBOOKS) $(filter-out $(HEAVY_NOTEBOOKS),$(NOTEBOOKS)) notebooks/solutions \
+	tests pfl
 test: $(STAMP)
 	$(VENV)/bin/ruff check pfl tests benchmarks notebooks
 	tmp=$$(mktemp -d) && PFL_FIGURES_DIR=$$tmp $(VENV)/bin/pytest -n 2 --dist loadfile \
-		notebooks tests pfl $(NBVAL) && rm -rf $$tmp
+		--no-loadscope-reorder $(TEST_ORDER) $(NBVAL) && rm -rf $$tmp
 	$(MAKE) --no-print-directory test-plain-kernels
 
 # The same stored outputs again under the plainest kernels ("another CPU", README "Same numbers
@@ -44,12 +56,16 @@ test: $(STAMP)
 # minutes on 2 cores (README).
 PLAIN_NOTEBOOKS := notebooks/03b_bayesian_view.ipynb notebooks/03_planar_flows.ipynb \
 	notebooks/00b_tiny_clip.ipynb
+# Three workers for three notebooks: none waits for another to end (the 2 cores are shared).
+PLAIN_WORKERS ?= 3
 test-plain-kernels: $(STAMP)
-	tmp=$$(mktemp -d) && $(PLAIN_KERNELS) PFL_FIGURES_DIR=$$tmp $(VENV)/bin/pytest -n 2 \
-		--dist loadfile $(PLAIN_NOTEBOOKS) $(NBVAL) && rm -rf $$tmp
+	tmp=$$(mktemp -d) && $(PLAIN_KERNELS) PFL_FIGURES_DIR=$$tmp $(VENV)/bin/pytest \
+		-n $(PLAIN_WORKERS) --dist loadfile --no-loadscope-reorder $(PLAIN_NOTEBOOKS) $(NBVAL) \
+		&& rm -rf $$tmp
 
 test-plain-kernels-all: $(STAMP)
-	$(MAKE) --no-print-directory test-plain-kernels PLAIN_NOTEBOOKS="$(NOTEBOOKS) notebooks/solutions"
+	$(MAKE) --no-print-directory test-plain-kernels PLAIN_WORKERS=2 \
+		PLAIN_NOTEBOOKS="$(HEAVY_NOTEBOOKS) $(filter-out $(HEAVY_NOTEBOOKS),$(NOTEBOOKS)) notebooks/solutions"
 
 test-fast: $(STAMP)
 	$(VENV)/bin/pytest -m "not slow"
@@ -59,7 +75,6 @@ figures: $(STAMP)
 
 # JupyterLab draws stored widget views (notebook 08's explorer) only in trusted notebooks.
 # Trust is kept per user and per notebook content, so it is redone when a notebook changes.
-NOTEBOOKS := $(wildcard notebooks/[0-9]*_*.ipynb)
 TRUSTED := $(VENV)/.trusted
 
 $(TRUSTED): $(STAMP) $(NOTEBOOKS)
