@@ -179,3 +179,43 @@ def test_streaming_store_matches_cached_store_on_a_real_dataset(tiny_backbone, t
     cfg = EvalConfig(batch_size=3)
     np.testing.assert_array_equal(evaluate(MapFromFeatures(), cached, cfg).table.to_numpy(float),
                                   evaluate(MapFromFeatures(), stream, cfg).table.to_numpy(float))
+
+
+def test_a_per_class_subset_is_read_from_the_whole_split_once_it_is_cached(tiny_backbone,
+                                                                          tmp_path, monkeypatch):
+    """profile_store(per_class=k) takes its rows from the whole split's cached store (another
+    notebook encoded it) instead of encoding them again: the same store in every field, the
+    features bit for bit (each image's features do not depend on its batch neighbours)."""
+    import shutil
+
+    from pfl import config
+    from pfl.data.synthetic import SynthConfig, build_benchmark
+    from pfl.run import features
+
+    build_benchmark(tmp_path / "data", SynthConfig(
+        n_test_normal=3, n_test_anomalous=3, n_train_normal=0, n_train_anomalous=0,
+        image_size=S, domains=("medical",), workers=1))
+    profile = config.smoke().replace(data={"root": str(tmp_path / "data"), "synthetic": False,
+                                           "feature_cache": "disk"})
+    monkeypatch.setattr(features, "default_cache_dir", lambda: tmp_path / "cache")
+    features.clear_memory_cache()
+    alone = features.profile_store(profile, tiny_backbone, "medical", "test", per_class=2)
+    shutil.rmtree(tmp_path / "cache")  # the subset's own cache file: not what is tested
+    features.clear_memory_cache()
+    whole = features.profile_store(profile, tiny_backbone, "medical", "test")
+    assert len(alone) < len(whole)
+    features.clear_memory_cache()  # a new process: only the disk cache is left
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("encoded again")
+
+    monkeypatch.setattr(features, "encode_dataset", no_encoding)
+    served = features.profile_store(profile, tiny_backbone, "medical", "test", per_class=2)
+    for f in ("global_", "patches", "image_keys"):
+        assert torch.equal(getattr(served.feats, f), getattr(alone.feats, f)), f
+    assert torch.equal(served.masks, alone.masks) and torch.equal(served.labels, alone.labels)
+    assert (served.cls_names, served.paths, served.has_mask, served.indices) == (
+        alone.cls_names, alone.paths, alone.has_mask, alone.indices)
+    assert served.dataset.samples == alone.dataset.samples
+    a, b = next(alone.batches(4, with_images=True)), next(served.batches(4, with_images=True))
+    assert torch.equal(a.images, b.images)

@@ -6,7 +6,10 @@ the features with the masks, labels, class names and paths in a :class:`FeatureS
 Training then costs only the new modules, which is what makes CPU training and the notebooks
 fast. A store can also be kept on disk (``runs/cache/<key>.safetensors``), keyed by a hash of
 the backbone's image-tower weights, its tapped layers and input size, the dataset's root,
-split and sample list, and the storage dtype.
+split and sample list, the storage dtype and the CPU kernels. A split's first N images per
+category (``profile_store(..., per_class=N)``) are read from the whole split's store when that
+is cached already (an image's features do not depend on its batch neighbours: tested bit for
+bit), so notebooks that look at different subsets of one split encode it once.
 
 Storage dtype: ``float16`` by default. The patch tokens of the tiny tower at 224 px take
 256 KB per image in fp16 (512 KB in fp32); the 768-dimensional ViT-L tokens at 518 px take
@@ -208,6 +211,12 @@ class FeatureStore:
             indices=[self.indices[i] for i in rows],
         )
 
+    def rehome(self, dataset, indices: Sequence[int]) -> FeatureStore:
+        """The same features and labels, read back (pixels, for methods that need them) from
+        ``dataset`` at ``indices``."""
+        return FeatureStore(self.feats, self.masks, self.labels, list(self.cls_names),
+                            list(self.paths), self.has_mask, dataset, list(indices))
+
     def subset(self, classes: Sequence[str] | None = None, per_class: int | None = None,
                exclude: Sequence[str] = ()) -> FeatureStore:
         """Samples of ``classes`` (default all) minus ``exclude``; at most ``per_class`` normal
@@ -365,21 +374,39 @@ def extract(backbone: Backbone, dataset, *, cache: str = "disk",
         if cache == "disk":
             raise
         key = None
-    if key is not None and key in _MEMORY:
-        hit = _MEMORY[key]
-        return FeatureStore(hit.feats, hit.masks, hit.labels, list(hit.cls_names),
-                            list(hit.paths), hit.has_mask, dataset, list(hit.indices))
-    path = Path(cache_dir or default_cache_dir()) / f"{key}.safetensors"
-    if cache == "disk" and path.is_file():
-        store = FeatureStore.load(path, dataset)
-    else:
-        store = encode_dataset(backbone, dataset, batch_size=batch_size,
-                               storage_dtype=storage_dtype, progress=progress, desc=desc)
-        if cache == "disk":
-            store.save(path)
+    store = cached_store(backbone, dataset, cache=cache, cache_dir=cache_dir,
+                         storage_dtype=storage_dtype, key=key)
+    if store is not None:
+        return store
+    store = encode_dataset(backbone, dataset, batch_size=batch_size,
+                           storage_dtype=storage_dtype, progress=progress, desc=desc)
+    if cache == "disk":
+        store.save(Path(cache_dir or default_cache_dir()) / f"{key}.safetensors")
     if key is not None:
         _MEMORY[key] = store
     return store
+
+
+def cached_store(backbone: Backbone, dataset, *, cache: str = "disk",
+                 cache_dir: str | Path | None = None,
+                 storage_dtype: torch.dtype = torch.float16,
+                 key: str | None = None) -> FeatureStore | None:
+    """The store :func:`extract` would serve for ``dataset`` if it is already in memory or
+    (``cache="disk"``) on disk, else None: nothing is encoded."""
+    if key is None:
+        try:
+            key = cache_key(backbone, dataset, storage_dtype)
+        except ValueError:
+            return None
+    if key in _MEMORY:
+        hit = _MEMORY[key]
+        return hit.rehome(dataset, list(hit.indices))
+    path = Path(cache_dir or default_cache_dir()) / f"{key}.safetensors"
+    if cache == "disk" and path.is_file():
+        store = FeatureStore.load(path, dataset)
+        _MEMORY[key] = store
+        return store
+    return None
 
 
 def clear_memory_cache() -> None:
@@ -512,11 +539,16 @@ def profile_store(profile, backbone: Backbone, name: str, split: str = "test", *
     ``DataConfig.feature_cache`` (default: the profile's; "auto" | "disk" | "memory" |
     "none", which serves a :class:`StreamingStore`).
     """
-    ds = subsample_dataset(profile_dataset(profile, name, split, classes,
-                                           image_size=backbone.image_size), per_class)
+    whole = profile_dataset(profile, name, split, classes, image_size=backbone.image_size)
+    ds = subsample_dataset(whole, per_class)
     cache = resolve_cache(cache or profile.data.feature_cache, backbone, len(ds))
     if cache == "none":
         return StreamingStore(backbone, ds)
+    if ds is not whole:  # the whole split already encoded (another notebook): take the rows
+        full = cached_store(backbone, whole, cache=cache)
+        if full is not None:
+            rows = select_rows(full.cls_names, full.labels.tolist(), per_class=per_class)
+            return full.select(rows).rehome(ds, range(len(rows)))
     return extract(backbone, ds, cache=cache, progress=progress, desc=f"{name}/{split}")
 
 
