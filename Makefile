@@ -56,15 +56,13 @@ test: $(STAMP)
 # minutes on 2 cores (README).
 PLAIN_NOTEBOOKS := notebooks/03b_bayesian_view.ipynb notebooks/03_planar_flows.ipynb \
 	notebooks/00b_tiny_clip.ipynb
-# Three workers for three notebooks: none waits for another to end (the 2 cores are shared).
-PLAIN_WORKERS ?= 3
 test-plain-kernels: $(STAMP)
 	tmp=$$(mktemp -d) && $(PLAIN_KERNELS) PFL_FIGURES_DIR=$$tmp $(VENV)/bin/pytest \
-		-n $(PLAIN_WORKERS) --dist loadfile --no-loadscope-reorder $(PLAIN_NOTEBOOKS) $(NBVAL) \
+		-n 2 --dist loadfile --no-loadscope-reorder $(PLAIN_NOTEBOOKS) $(NBVAL) \
 		&& rm -rf $$tmp
 
 test-plain-kernels-all: $(STAMP)
-	$(MAKE) --no-print-directory test-plain-kernels PLAIN_WORKERS=2 \
+	$(MAKE) --no-print-directory test-plain-kernels \
 		PLAIN_NOTEBOOKS="$(HEAVY_NOTEBOOKS) $(filter-out $(HEAVY_NOTEBOOKS),$(NOTEBOOKS)) notebooks/solutions"
 
 test-fast: $(STAMP)
