@@ -42,6 +42,7 @@ Before the gates: timings (training s/step, evaluation and bootstrap ms/image pe
     OMP_NUM_THREADS=1 python benchmarks/smoke_quality.py                    # the full run
     OMP_NUM_THREADS=1 python benchmarks/smoke_quality.py --tiny             # does it run?
     OMP_NUM_THREADS=1 python benchmarks/smoke_quality.py --prior-std 0.02 --seeds 0 1 2 3 4
+    OMP_NUM_THREADS=1 python benchmarks/smoke_quality.py --layers 4 --weights out/tower.safetensors
 
 ``--tiny`` took 69 s wall on a busy 2-core machine once the features were cached (3.4 min
 the first time, which encodes the 560 aux images); the full run, estimated from its timings
@@ -212,6 +213,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="a built synthetic benchmark (default: the profile's data/synthetic)")
     ap.add_argument("--steps", type=int, default=None,
                     help="cap training at this many steps (one epoch); default: the recipe")
+    ap.add_argument("--weights", default=None,
+                    help="another pfl-tiny weights file (e.g. one `pfl pretrain` wrote); "
+                         "default: the shipped tower")
+    ap.add_argument("--layers", type=int, nargs="+", default=None,
+                    help="1-based tower blocks to tap (BackboneConfig.layers; default: the "
+                         "profile's, every block of the 4-block tower)")
     ap.add_argument("--tiny", action="store_true",
                     help="check that it runs: 2 images per category, seed 0, 5 training steps")
     args = ap.parse_args(argv)
@@ -223,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         base = base.replace(data={"root": args.data_root})
     if args.prior_std is not None:
         base = base.replace(model={"prior_std": args.prior_std})
+    if args.weights:
+        base = base.replace(backbone={"weights": args.weights})
+    if args.layers:
+        base = base.replace(backbone={"layers": tuple(args.layers)})
     if args.steps:
         base = base.replace(train={"epochs": 1, "max_steps_per_epoch": args.steps})
     backbone = load_backbone(base.backbone)
@@ -237,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(target.classes)} categories; aux: {len(aux)} images; seeds {args.seeds}; "
           f"training: {t.epochs} epoch(s), batch {t.batch_size}, lr {t.lr:g}"
           + (f", at most {t.max_steps_per_epoch} steps" if t.max_steps_per_epoch else "")
-          + f"; prior_std {base.model.prior_std:g}; bootstrap {args.bootstrap} resamples",
+          + f"; prior_std {base.model.prior_std:g}; bootstrap {args.bootstrap} resamples"
+          + f"; tower weights {base.backbone.weights or 'shipped'}, tapped blocks "
+          + f"{backbone.layers}",
           flush=True)
     if min(strata.count(k) for k in set(strata)) < 2:
         print("note: a category holds a single normal or anomalous image, which every resample "
