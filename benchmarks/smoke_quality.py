@@ -46,7 +46,8 @@ Before the gates: timings (training s/step, evaluation and bootstrap ms/image pe
 
 ``--tiny`` took 69 s wall on a busy 2-core machine once the features were cached (3.4 min
 the first time, which encodes the 560 aux images); the full run took 9-12 min there (561-728 s
-over four runs; training, 105 steps x 2 methods x 3 seeds, and evaluation take most).
+over this round's four runs with the recipe's three epochs; training, 105 steps x 2 methods
+x 3 seeds, and evaluation take most).
 
 From a checkout other than the installed one, put it first: ``PYTHONPATH=. python ...``;
 ``--data-root`` points at a built synthetic benchmark (default: the profile's ``data/synthetic``).
