@@ -220,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, nargs="+", default=None,
                     help="1-based tower blocks to tap (BackboneConfig.layers; default: the "
                          "profile's, every block of the 4-block tower)")
+    ap.add_argument("--epochs", type=int, default=None,
+                    help="training epochs of APRIL-GAN and Bayes-PFL (default: the recipe's 3)")
     ap.add_argument("--tiny", action="store_true",
                     help="check that it runs: 2 images per category, seed 0, 5 training steps")
     args = ap.parse_args(argv)
@@ -235,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         base = base.replace(backbone={"weights": args.weights})
     if args.layers:
         base = base.replace(backbone={"layers": tuple(args.layers)})
+    if args.epochs:
+        base = base.replace(train={"epochs": args.epochs})
     if args.steps:
         base = base.replace(train={"epochs": 1, "max_steps_per_epoch": args.steps})
     backbone = load_backbone(base.backbone)
