@@ -41,8 +41,8 @@ PLAIN_KERNELS := ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 ONED
 NOTEBOOKS := $(wildcard notebooks/[0-9]*_*.ipynb)
 HEAVY_NOTEBOOKS := $(addprefix notebooks/,05_training.ipynb 08_ablations.ipynb \
 	07_peer_methods.ipynb 04_gaussian_vs_flow.ipynb 06_evaluation.ipynb)
-TEST_ORDER := $(HEAVY_NOTEBOOKS) $(filter-out $(HEAVY_NOTEBOOKS),$(NOTEBOOKS)) notebooks/solutions \
-	tests pfl
+NOTEBOOK_ORDER := $(HEAVY_NOTEBOOKS) $(filter-out $(HEAVY_NOTEBOOKS),$(NOTEBOOKS)) notebooks/solutions
+TEST_ORDER := $(NOTEBOOK_ORDER) tests pfl
 test: $(STAMP)
 	$(VENV)/bin/ruff check pfl tests benchmarks notebooks
 	tmp=$$(mktemp -d) && PFL_FIGURES_DIR=$$tmp $(VENV)/bin/pytest -n 2 --dist loadfile \
@@ -62,8 +62,7 @@ test-plain-kernels: $(STAMP)
 		&& rm -rf $$tmp
 
 test-plain-kernels-all: $(STAMP)
-	$(MAKE) --no-print-directory test-plain-kernels \
-		PLAIN_NOTEBOOKS="$(HEAVY_NOTEBOOKS) $(filter-out $(HEAVY_NOTEBOOKS),$(NOTEBOOKS)) notebooks/solutions"
+	$(MAKE) --no-print-directory test-plain-kernels PLAIN_NOTEBOOKS="$(NOTEBOOK_ORDER)"
 
 test-fast: $(STAMP)
 	$(VENV)/bin/pytest -m "not slow"

@@ -374,10 +374,11 @@ def extract(backbone: Backbone, dataset, *, cache: str = "disk",
         if cache == "disk":
             raise
         key = None
-    store = cached_store(backbone, dataset, cache=cache, cache_dir=cache_dir,
-                         storage_dtype=storage_dtype, key=key)
-    if store is not None:
-        return store
+    if key is not None:  # (no key: nothing can be cached, in memory or on disk)
+        store = cached_store(backbone, dataset, cache=cache, cache_dir=cache_dir,
+                             storage_dtype=storage_dtype, key=key)
+        if store is not None:
+            return store
     store = encode_dataset(backbone, dataset, batch_size=batch_size,
                            storage_dtype=storage_dtype, progress=progress, desc=desc)
     if cache == "disk":
