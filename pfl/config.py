@@ -32,7 +32,7 @@ class BackboneConfig:
     model_name: str = "pfl-tiny"  # open_clip config name; "pfl-tiny" ships inside pfl/clip/assets
     image_size: int = 224  # input side; positional embeddings are resized to it
     layers: tuple[int, ...] | None = None  # 1-based blocks to tap; None: 4 evenly spaced
-    weights: str | None = None  # local weights file; None: shipped tiny weights or random init
+    weights: str | None = None  # local file, or a shipped tower ("tiny-v1"); None: "tiny-v2"
     init_seed: int = 0  # seed of the random init when no weights are used
     precision: str = "fp32"  # towers' dtype: "fp64", "fp32", open_clip's "fp16"/"bf16"
 

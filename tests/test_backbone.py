@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from pfl.baselines.hooks import append_tokens, overwrite_tokens
 from pfl.clip.backbone import (
     Backbone,
+    DEFAULT_TOWER,
+    TOWERS,
     MissingWeightsError,
     create_clip,
     default_layers,
@@ -124,6 +126,21 @@ def test_paper_profile_without_weights_says_what_to_do(monkeypatch, tmp_path):
     monkeypatch.setenv("PFL_CLIP_WEIGHTS", str(tmp_path / "nowhere.pt"))
     with pytest.raises(MissingWeightsError, match="nowhere.pt"):
         create_clip(active().backbone)
+
+
+@pytest.mark.skipif(not all(p.is_file() for p in TOWERS.values()), reason="no shipped towers")
+def test_shipped_towers_load_by_name_and_the_default_is_v2():
+    def tensors(weights):
+        return create_clip(BackboneConfig(image_size=112, weights=weights)).state_dict()
+
+    default, v1, v2 = tensors(None), tensors("tiny-v1"), tensors("tiny-v2")
+    assert DEFAULT_TOWER == "tiny-v2"
+    assert all(torch.equal(default[k], v2[k]) for k in v2)
+    assert not torch.equal(v1["visual.conv1.weight"], v2["visual.conv1.weight"])
+    by_path = tensors(str(TOWERS["tiny-v1"]))
+    assert all(torch.equal(by_path[k], v1[k]) for k in v1)
+    with pytest.raises(ValueError, match="pfl-tiny"):
+        create_clip(BackboneConfig(model_name="ViT-B-32", weights="tiny-v1"), load=True)
 
 
 def test_shipped_tiny_config_is_small():

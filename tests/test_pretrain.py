@@ -16,14 +16,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pfl.clip import pretrain as P
-from pfl.clip.backbone import ASSETS, load_weights
+from pfl import config
+from pfl.clip.backbone import ASSETS, TOWERS, load_weights, tower_record
+from pfl.data import photos as PH
 from pfl.run.features import pattern_store
 from pfl.utils import default_dtype
 
 RECORD = ASSETS / "tiny_clip.json"
-WEIGHTS = ASSETS / "tiny_clip.safetensors"
-HISTORY = ASSETS / "tiny_clip_history.csv"
 shipped = pytest.mark.skipif(not RECORD.is_file(), reason="no shipped tiny CLIP record yet")
+each_tower = pytest.mark.parametrize("tower", sorted(TOWERS))
 
 
 def _unit(*shape, seed=0):
@@ -209,22 +210,36 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path):
 
 # --- the shipped weights ----------------------------------------------------------------------
 @shipped
-def test_shipped_weights_match_their_record_and_load():
-    record = json.loads(RECORD.read_text())
-    assert P.sha256(WEIGHTS) == record["sha256"]
+@each_tower
+def test_shipped_weights_match_their_record_and_load(tower):
+    record, history_csv = tower_record(tower)
+    assert P.sha256(TOWERS[tower]) == record["sha256"]
     clip = P.init_clip("pfl-tiny", 224, init_seed=1)
-    load_weights(clip, WEIGHTS)  # raises if the file does not fit the model
-    history = P.read_history_csv(HISTORY)
+    load_weights(clip, TOWERS[tower])  # raises if the file does not fit the model
+    history = P.read_history_csv(history_csv)
     assert len(history) == record["steps"] == record["config"]["steps"]
     assert [h["loss"] for h in history[:5]] == record["first_losses"]
     assert history[-1]["loss"] == record["final_loss"]
 
 
 @shipped
-def test_record_command_parses_to_the_record_config():
+def test_tower_v2_continues_v1_on_photographs_disjoint_from_the_benchmark():
+    v1, _ = tower_record("tiny-v1")
+    v2, _ = tower_record("tiny-v2")
+    assert v2["init_weights_sha256"] == v1["sha256"] == P.sha256(TOWERS["tiny-v1"])
+    assert v2["photos"]["package"]["name"] == PH.PACKAGE and v2["photos"]["used"] > 300
+    # every photo the run left out is listed with its reason, benchmark sources among them
+    assert len(v2["photos"]["excluded_photos"]) == v2["photos"]["excluded"]
+    with pytest.raises(KeyError, match="tiny-v1"):
+        tower_record("tiny-v3")
+
+
+@shipped
+@each_tower
+def test_record_command_parses_to_the_record_config(tower):
     from pfl.cli import build_parser
 
-    record = json.loads(RECORD.read_text())
+    record, _ = tower_record(tower)
     argv = shlex.split(record["command"])[3:]  # drop "python -m pfl"
     args = build_parser().parse_args(argv)
     changes = {k: (None if v == "none" else tuple(v) if isinstance(v, list) else v)
@@ -235,15 +250,26 @@ def test_record_command_parses_to_the_record_config():
 
 @shipped
 @pytest.mark.slow
-def test_record_first_losses_reproduce(tmp_path):
+@each_tower
+def test_record_first_losses_reproduce(tower, tmp_path, monkeypatch):
     """The record's config, replayed for 2 steps, gives the recorded losses.
 
     Note: exact float equality holds on the machine type that made the record (x86-64 CPU,
     torch's thread count from the record); other CPUs or BLAS builds may differ in the last
-    digits, hence the 1e-6 tolerance, which a changed recipe would exceed by far.
+    digits, hence the 1e-6 tolerance, which a changed recipe would exceed by far. Tower v2 reads
+    the photographs of a Debian package: where it is not installed (CI) the test skips, after
+    checking that the record names the package to install.
     """
-    record = json.loads(RECORD.read_text())
+    record, _ = tower_record(tower)
     cfg = P.PretrainConfig.from_dict(record["config"])
+    if cfg.photos:
+        if not Path(cfg.photos).is_dir():
+            assert record["photos"]["package"]["name"] == PH.PACKAGE
+            pytest.skip(f"needs the photographs of `{PH.INSTALL}`")
+        found = PH.find_photos(cfg.photos)
+        assert found.digest() == record["photos"]["sha256"], \
+            f"the photos under {cfg.photos} are not the ones tower {tower} was trained on"
+    monkeypatch.chdir(config.repo_root())  # the record's --init-weights path is repo-relative
     # Under a float64 default too (what pfl.setup() gives the smoke CLI): pretraining keeps
     # the record's float32, so `pfl pretrain` reproduces it.
     with default_dtype(torch.float64):
@@ -280,6 +306,6 @@ def test_init_weights_continue_from_the_shipped_tower(tmp_path):
     record = json.loads((tmp_path / "tiny_clip.json").read_text())
     assert record["init_weights_sha256"] == P.sha256(shipped)
     assert "--init-weights" in record["command"]
-    with pytest.raises(FileNotFoundError, match="no such file.*tiny_clip.safetensors"):
+    with pytest.raises(FileNotFoundError, match=r"no such file.*tiny_clip\w*\.safetensors"):
         P.pretrain(dataclasses.replace(cfg, init_weights=str(tmp_path / "x.safetensors")),
                    tmp_path / "b", progress=False)

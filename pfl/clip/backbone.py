@@ -14,6 +14,7 @@ OpenAI's ViT-L-14-336 weights from a local file.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import zipfile
@@ -31,7 +32,16 @@ from pfl.config import BackboneConfig, active
 from pfl.utils import content_keys, default_dtype
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-TINY_WEIGHTS = ASSETS / "tiny_clip.safetensors"
+# The smoke profile's shipped towers, by name (README, "The shipped tiny CLIPs"). v1 was pretrained
+# on procedural patterns only; v2 continues v1 on photographs from a Debian package
+# (pfl.data.photos). Each has a record ``<stem>.json`` (command, data, versions, SHA-256) and a
+# loss history ``<stem>_history.csv`` next to its weights.
+TOWERS: dict[str, Path] = {
+    "tiny-v1": ASSETS / "tiny_clip.safetensors",
+    "tiny-v2": ASSETS / "tiny_clip_v2.safetensors",
+}
+DEFAULT_TOWER = "tiny-v2"
+TINY_WEIGHTS = TOWERS[DEFAULT_TOWER]
 _REGISTERED = False
 
 # Where OpenAI's ViT-L-14-336 file usually sits when a user has downloaded it before.
@@ -64,8 +74,27 @@ class MissingWeightsError(FileNotFoundError):
     """The ``paper`` profile was asked for but the CLIP weights file is not on disk."""
 
 
+def tower_record(name: str = DEFAULT_TOWER) -> tuple[dict, Path]:
+    """The record of the shipped tower ``name`` (a key of :data:`TOWERS`) and its history CSV."""
+    if name not in TOWERS:
+        raise KeyError(f"no shipped tower {name!r}; the shipped ones are {sorted(TOWERS)}")
+    stem = TOWERS[name].with_suffix("")
+    record = json.loads(stem.with_suffix(".json").read_text())
+    return record, stem.parent / record["history"]
+
+
 def resolve_weights(cfg: BackboneConfig) -> Path | None:
-    """The weights file for ``cfg``, or None for a seeded random init (smoke profile only)."""
+    """The weights file for ``cfg``, or None for a seeded random init (smoke profile only).
+
+    ``cfg.weights`` is a local file, or the name of a shipped tower (:data:`TOWERS`, e.g.
+    ``"tiny-v1"`` for the patterns-only tower); None gives :data:`DEFAULT_TOWER` for ``pfl-tiny``.
+    """
+    if cfg.weights in TOWERS:
+        if cfg.model_name != "pfl-tiny":
+            raise ValueError(f"the shipped tower {cfg.weights!r} holds pfl-tiny weights, but the "
+                             f"backbone is {cfg.model_name!r}: set BackboneConfig.model_name to "
+                             "'pfl-tiny' or weights to a file of that model")
+        return TOWERS[cfg.weights]
     if cfg.weights:
         path = Path(os.path.expanduser(cfg.weights))
         if not path.is_file():
