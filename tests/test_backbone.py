@@ -7,9 +7,9 @@ import torch.nn.functional as F
 
 from pfl.baselines.hooks import append_tokens, overwrite_tokens
 from pfl.clip.backbone import (
-    Backbone,
     DEFAULT_TOWER,
     TOWERS,
+    Backbone,
     MissingWeightsError,
     create_clip,
     default_layers,

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pfl.clip import pretrain as P
 from pfl import config
+from pfl.clip import pretrain as P
 from pfl.clip.backbone import ASSETS, TOWERS, load_weights, tower_record
 from pfl.data import photos as PH
 from pfl.run.features import pattern_store
