@@ -215,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None,
                     help="cap training at this many steps (one epoch); default: the recipe")
     ap.add_argument("--weights", default=None,
-                    help="another pfl-tiny weights file (e.g. one `pfl pretrain` wrote); "
-                         "default: the shipped tower")
+                    help="a shipped tower by name (tiny-v1, tiny-v2) or another pfl-tiny "
+                         "weights file (e.g. one `pfl pretrain` wrote); default: tiny-v2")
     ap.add_argument("--layers", type=int, nargs="+", default=None,
                     help="1-based tower blocks to tap (BackboneConfig.layers; default: the "
                          "profile's, every block of the 4-block tower)")
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
           f"training: {t.epochs} epoch(s), batch {t.batch_size}, lr {t.lr:g}"
           + (f", at most {t.max_steps_per_epoch} steps" if t.max_steps_per_epoch else "")
           + f"; prior_std {base.model.prior_std:g}; bootstrap {args.bootstrap} resamples"
-          + f"; tower weights {base.backbone.weights or 'shipped'}, tapped blocks "
+          + f"; tower weights {base.backbone.weights or 'tiny-v2 (default)'}, tapped blocks "
           + f"{backbone.layers}",
           flush=True)
     if min(strata.count(k) for k in set(strata)) < 2:

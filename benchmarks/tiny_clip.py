@@ -18,7 +18,7 @@ AUROC per category, then the mean over categories. Two uncertainties are printed
 (heads' init and order, and the random tower's init, across ``--seeds``) and ``s.e. data`` (a
 bootstrap over test images within each category, the same resamples for every row).
 
-    .venv/bin/python benchmarks/tiny_clip.py                       # shipped weights
+    .venv/bin/python benchmarks/tiny_clip.py                       # default tower (tiny-v2)
     .venv/bin/python benchmarks/tiny_clip.py --tower plain=runs/plain/tiny_clip.safetensors
 """
 
