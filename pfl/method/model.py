@@ -307,7 +307,7 @@ class BayesPFL(nn.Module):
 
         ``"unit"``: ``g / ||g||``. Adam moves every weight by about lr per step, so an
         amortised head's output moves by about ``lr * ||xi||_1`` per step: ~90 lr for the tiny
-        tower's raw global feature (norm ~14, E = 64), i.e. u jumps by several times the 0.02
+        tower v1's raw global feature (norm ~14, E = 64), i.e. u jumps by several times the 0.02
         token scale at lr 1e-3 and training amplifies a 1e-12 difference to order 1 within
         30 steps. On the unit sphere the same step is ~8 lr and the difference stays ~1e-9
         (``benchmarks/sensitivity.py``, README "Same numbers on any CPU"). CLIP compares
