@@ -58,8 +58,7 @@ def main(argv=None) -> int:
             rows.append((name, size, params, img, txt))
             print(f"  {name} {size} px: {img * 1e3:.1f} ms per image, {txt * 1e3:.1f} ms per 60 "
                   "prompts", flush=True)
-    ref = next(r for r in rows if r[0] == "pfl-tiny" and r[1] == 224) if any(
-        r[0] == "pfl-tiny" and r[1] == 224 for r in rows) else rows[0]
+    ref = next((r for r in rows if r[:2] == ("pfl-tiny", 224)), rows[0])
     print(f"\n{'tower':10s} {'size':>5s} {'visual params':>14s} {'image ms':>9s} {'x':>6s} "
           f"{'text ms':>8s} {'x':>6s}")
     for name, size, params, img, txt in rows:

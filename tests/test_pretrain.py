@@ -223,12 +223,14 @@ def test_shipped_weights_match_their_record_and_load(tower):
 
 
 @shipped
-def test_tower_v2_continues_v1_on_photographs_disjoint_from_the_benchmark():
+def test_tower_v2_continues_v1_and_records_its_photographs():
+    """v2's record pins its start (v1's weights) and its photo set; that the photos are apart
+    from the benchmark's is tests/test_photos.py's job (by content hash)."""
     v1, _ = tower_record("tiny-v1")
     v2, _ = tower_record("tiny-v2")
     assert v2["init_weights_sha256"] == v1["sha256"] == P.sha256(TOWERS["tiny-v1"])
     assert v2["photos"]["package"]["name"] == PH.PACKAGE and v2["photos"]["used"] > 300
-    # every photo the run left out is listed with its reason, benchmark sources among them
+    # every photo the run left out is listed with its reason
     assert len(v2["photos"]["excluded_photos"]) == v2["photos"]["excluded"]
     with pytest.raises(KeyError, match="tiny-v1"):
         tower_record("tiny-v3")
