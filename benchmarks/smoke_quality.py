@@ -11,8 +11,8 @@ each category), for each seed (default 0 1 2), scores
 - ``APRIL-GAN``: trained on the auxiliary domain with the smoke recipe (3 epochs, batch 16,
   lr 1e-3, float64);
 - ``Bayes-PFL untrained`` (fresh modules of the seed) and ``Bayes-PFL trained`` (the smoke
-  recipe; ``--prior-std`` sets ``ModelConfig.prior_std``, paper 1), evaluated with R = 10
-  (the paper's) and, for gate G5, R = 1.
+  recipe; ``--prior-std`` sets ``ModelConfig.prior_std``: smoke 0.02, paper 1), evaluated
+  with R = 10 (the paper's) and, for gate G5, R = 1.
 
 Zero-shot and colour draw nothing, so they are scored once and their "mean over seeds" is that
 one value. Metrics are pfl's (:mod:`pfl.run.metrics`, maps blurred as :mod:`pfl.run.evaluate`
@@ -41,7 +41,7 @@ Before the gates: timings (training s/step, evaluation and bootstrap ms/image pe
 
     OMP_NUM_THREADS=1 python benchmarks/smoke_quality.py                    # the full run
     OMP_NUM_THREADS=1 python benchmarks/smoke_quality.py --tiny             # does it run?
-    OMP_NUM_THREADS=1 python benchmarks/smoke_quality.py --prior-std 0.02 --seeds 0 1 2 3 4
+    OMP_NUM_THREADS=1 python benchmarks/smoke_quality.py --prior-std 1 --seeds 0 1 2 3 4
     OMP_NUM_THREADS=1 python benchmarks/smoke_quality.py --layers 4 --weights out/tower.safetensors
 
 ``--tiny`` took 69 s wall on a busy 2-core machine once the features were cached (3.4 min
@@ -206,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-class", type=int, default=None,
                     help="first N normal and N anomalous target images per category (all)")
     ap.add_argument("--prior-std", type=float, default=None,
-                    help="ModelConfig.prior_std of Bayes-PFL (default: the profile's, paper 1)")
+                    help="ModelConfig.prior_std of Bayes-PFL (default: the profile's; smoke 0.02, "
+                         "paper 1)")
     ap.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples")
     ap.add_argument("--zero-shot-layers", choices=("last", "mean"), default="last",
                     help="zero-shot map of the last tapped block or the mean over blocks")
