@@ -1,5 +1,6 @@
 """Profiles, and the one-source-of-truth rule for versions."""
 
+import dataclasses
 import re
 import tomllib
 from pathlib import Path
@@ -18,6 +19,17 @@ def test_profiles_share_fields_and_differ_in_sizes():
     assert (p.model.n_prompts, p.model.n_ctx, p.model.n_state, p.model.flow_length) == (3, 5, 5, 10)
     assert (p.model.mc_train, p.model.mc_test) == (1, 10)
     assert (p.train.lr, p.train.batch_size, p.train.epochs) == (1e-4, 32, 20)
+
+
+def test_smoke_model_is_the_papers_but_for_the_prior_scale():
+    """The smoke profile's new modules are the paper's, with the flow prior at the token scale
+    (README "The prompt posterior"); the paper keeps N(0, I), and the authors'-code preset uses
+    N(0, I) on any base profile."""
+    s, p = config.smoke().model, config.paper().model
+    assert (s.prior_std, p.prior_std) == (0.02, 1.0)
+    assert dataclasses.replace(s, prior_std=1.0) == p
+    for base in (config.smoke(), config.paper()):
+        assert config.official(base).model.prior_std == 1.0
 
 
 def test_active_profile_from_environment(monkeypatch):
