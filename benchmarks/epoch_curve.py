@@ -33,7 +33,8 @@ ARMS = {
     "noflow": {"model": {"prior_std": 1.0}, "train": {"flow_weight": 0.0}},
     "v1": {"model": {"prior_std": 1.0}, "backbone": {"weights": "tiny-v1"}},
 }
-COLUMNS = ["epoch", "target/pixel_auroc", "target/pixel_ap", "target/image_auroc"]
+COLUMNS = ["epoch", "target/pixel_auroc", "target/pixel_ap", "target/pixel_pro",
+           "target/pixel_f1max", "target/image_auroc"]
 
 
 def main(argv=None) -> int:
